@@ -1,0 +1,3 @@
+"""clipjax: CLIP in JAX/Flax — models, tokenizer, training, evaluation, search."""
+
+__version__ = "0.1.0"
