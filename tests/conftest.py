@@ -30,10 +30,7 @@ def pytest_collection_modifyitems(config, items):
         return
     in_ci = os.environ.get("CI", "").lower() in ("1", "true", "yes")
     for item in items:
-        if "parity" in item.keywords:
-            if in_ci:
-                item.add_marker(pytest.mark.xfail(
-                    reason=f"parity extra missing in CI: {missing}", run=False, strict=True))
-            else:
-                item.add_marker(pytest.mark.skip(
-                    reason=f"parity extra not installed ({missing}); pip install -e '.[parity]'"))
+        # In CI the test runs anyway and fails on its import: parity is never silently lost.
+        if "parity" in item.keywords and not in_ci:
+            item.add_marker(pytest.mark.skip(
+                reason=f"parity extra not installed ({missing}); pip install -e '.[parity]'"))
