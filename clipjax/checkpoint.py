@@ -1,0 +1,89 @@
+"""Orbax checkpointing: periodic async saves, keep-N, resume the latest, restore onto any mesh.
+
+Each checkpoint holds the whole train state (params, optimizer state, model state, EMA, step)
+and a JSON ``meta`` item: the task name and every parameter's shape. Before restoring, the meta
+is compared with the model being built, so a workdir of another model, or a changed model shape,
+fails with one readable error instead of an orbax traceback. The data position is the step
+itself (data order is a function of (seed, step)), so nothing else needs saving.
+
+Orbax writes each checkpoint into a temporary directory and renames it when complete, so a save
+interrupted at any moment (SIGKILL, preemption) never becomes the latest checkpoint.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from clipjax.optim import param_path
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint in the workdir does not fit the model being trained."""
+
+
+def param_shapes(params: Any) -> dict[str, list[int]]:
+    return {param_path(p): list(np.shape(x))
+            for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+
+class Checkpointer:
+    def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
+        self.directory = os.path.abspath(directory)
+        options = ocp.CheckpointManagerOptions(
+            # The trainer decides when to save (every_steps, preemption, end) and forces it.
+            should_save_fn=lambda step, last: False,
+            max_to_keep=keep or None,
+            enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True,   # leftovers of a save killed midway
+        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def save(self, step: int, state: Any, meta: dict, force: bool = False) -> bool:
+        return self.manager.save(
+            step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+            force=force)
+
+    def read_meta(self, step: int) -> dict:
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+    def restore(self, step: int, abstract_state: Any, expected_meta: dict) -> Any:
+        """Restores ``step`` with the shardings of ``abstract_state`` (any mesh, any device count)."""
+        self.check_compatible(step, expected_meta)
+        restored = self.manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+        return restored["state"]
+
+    def check_compatible(self, step: int, expected: dict) -> None:
+        found = self.read_meta(step)
+        where = os.path.join(self.directory, str(step))
+        if found.get("task") != expected.get("task"):
+            raise CheckpointMismatchError(
+                f"{where} holds a checkpoint of {found.get('task')!r}, but this run trains "
+                f"{expected.get('task')!r}; use another --workdir (or delete that one)")
+        old, new = found.get("param_shapes", {}), expected.get("param_shapes", {})
+        if old != new:
+            diffs = []
+            for k in sorted(set(old) | set(new)):
+                if old.get(k) != new.get(k):
+                    diffs.append(f"{k}: checkpoint {old.get(k)} vs model {new.get(k)}")
+            shown = "; ".join(diffs[:8]) + (f"; ... {len(diffs) - 8} more" if len(diffs) > 8 else "")
+            raise CheckpointMismatchError(
+                f"{where}: the model shape changed since this checkpoint ({len(diffs)} parameters differ: "
+                f"{shown}); restore the old model config or use another --workdir")
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
