@@ -31,14 +31,19 @@ def param_shapes(params: Any) -> dict[str, list[int]]:
 
 
 class Checkpointer:
-    def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
+    def __init__(self, directory: str, keep: int = 3, async_save: bool = True, writer: bool = False):
+        """``writer=True`` only for the training run that owns the directory: it removes the
+        leftovers of saves killed midway. Readers (evaluation, generation, tests) open it
+        read-only, so they never touch a save in progress."""
         self.directory = os.path.abspath(directory)
         options = ocp.CheckpointManagerOptions(
             # The trainer decides when to save (every_steps, preemption, end) and forces it.
             should_save_fn=lambda step, last: False,
             max_to_keep=keep or None,
             enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=True,   # leftovers of a save killed midway
+            cleanup_tmp_directories=writer,   # leftovers of a save killed midway
+            read_only=not writer,
+            create=writer,
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
 

@@ -73,7 +73,7 @@ def ema_update(ema: Any, params: Any, decay: float) -> Any:
 
 
 def global_norm(tree: Any) -> jax.Array:
-    return optax.global_norm(tree)
+    return optax.tree.norm(tree)
 
 
 def all_finite(tree: Any) -> jax.Array:

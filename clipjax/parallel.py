@@ -59,11 +59,29 @@ def _fit_spec(shape: Sequence[int], spec: P, mesh: jax.sharding.Mesh) -> P:
         names = axes if isinstance(axes, tuple) else (axes,)
         kept, size = [], 1
         for name in names:
-            if dim % (size * mesh.shape[name]) == 0:
+            if mesh.shape[name] > 1 and dim % (size * mesh.shape[name]) == 0:
                 kept.append(name)
                 size *= mesh.shape[name]
         out.append(tuple(kept) if len(kept) > 1 else (kept[0] if kept else None))
-    return P(*out)
+    return _fsdp_fill(shape, out, mesh)
+
+
+def _fsdp_fill(shape: Sequence[int], spec: list, mesh: jax.sharding.Mesh) -> P:
+    """ZeRO-3: a tensor the rules left unsplit over 'fsdp' (a bias, a norm scale, a head whose
+    'vocab' axis maps to 'tensor') is split over 'fsdp' along its largest divisible free dim, so
+    params + optimizer state really divide by the fsdp size. Scalars stay replicated."""
+    n = mesh.shape.get("fsdp", 1)
+    used = {a for s in spec if s is not None for a in (s if isinstance(s, tuple) else (s,))}
+    if n > 1 and "fsdp" not in used:
+        def split(s):
+            return () if s is None else (s if isinstance(s, tuple) else (s,))
+        def ways(s):
+            return int(np.prod([mesh.shape[a] for a in split(s)])) if split(s) else 1
+        fits = [i for i, (d, s) in enumerate(zip(shape, spec)) if d % (ways(s) * n) == 0]
+        if fits:  # prefer a free dim, then the largest remaining share
+            i = max(fits, key=lambda i: (spec[i] is None, shape[i] // ways(spec[i])))
+            spec[i] = "fsdp" if spec[i] is None else split(spec[i]) + ("fsdp",)
+    return P(*spec)
 
 
 def logical_shardings(abstract_tree: Any, mesh: jax.sharding.Mesh, rules: Sequence) -> Any:

@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import time
 
 from clipjax.task import Task
 
@@ -48,6 +49,8 @@ def make_data(config):
             rng = np.random.default_rng([config.seed, step])
             x = rng.normal(size=(config.batch_size, d_in)).astype(np.float32)
             x = x[process_index * local:(process_index + 1) * local]
+            if config.model.data_delay_s:  # a slow input pipeline, for kill/preemption tests
+                time.sleep(config.model.data_delay_s)
             yield {"x": x, "y": np.tanh(x @ w)}
             step += 1
     return data
@@ -62,6 +65,8 @@ def make_task(config) -> Task:
     def loss(params, model_state, batch, rng, step):
         pred = model.apply({"params": params}, batch["x"])
         mse = jnp.mean((pred - batch["y"]) ** 2)
+        # Fault injection for the non-finite handling tests: NaN loss at one step.
+        mse = jnp.where(step == config.model.nan_at_step, jnp.nan, mse)
         return mse, {"mse": mse}, model_state
 
     data = make_data(config)

@@ -226,14 +226,14 @@ class TrainResult:
 def train(task: Task, config: ml_collections.ConfigDict, workdir: str,
           mesh: jax.sharding.Mesh | None = None) -> TrainResult:
     """Trains ``task`` to ``config.total_steps``, resuming from ``workdir`` if it has a checkpoint."""
-    config_lib.validate(config, jax.device_count(), jax.process_count())
+    config_lib.validate(config, mesh.size if mesh is not None else jax.device_count(), jax.process_count())
     trainer = Trainer(task, config, mesh)
     parallel.log_mesh(trainer.mesh)
     total = int(config.total_steps)
     ck_cfg = config.checkpoint
     ck_every = int(ck_cfg.every_steps)
     checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                         int(ck_cfg.keep), bool(ck_cfg.async_save)) if workdir else None
+                                         int(ck_cfg.keep), bool(ck_cfg.async_save), writer=True) if workdir else None
     meta = trainer.meta()
     latest = checkpointer.latest_step() if checkpointer else None
     if latest is not None:
@@ -319,3 +319,19 @@ def train(task: Task, config: ml_collections.ConfigDict, workdir: str,
             bar.close()
         writer.close()
     return TrainResult(state=state, status=status, last_metrics=last, eval_metrics=evals, start_step=start)
+
+
+def restore_state(config: ml_collections.ConfigDict, workdir: str, task: Task | None = None,
+                  mesh: jax.sharding.Mesh | None = None, step: int | None = None) -> TrainState:
+    """The latest (or given) checkpointed state in ``workdir``, placed on ``mesh``."""
+    task = task if task is not None else load_task(config)
+    trainer = Trainer(task, config, mesh)
+    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+    try:
+        step = checkpointer.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}; "
+                                    f"train first or pass the right --workdir")
+        return checkpointer.restore(step, trainer.abstract_state, trainer.meta())
+    finally:
+        checkpointer.close()

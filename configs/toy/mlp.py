@@ -9,7 +9,7 @@ def get_config() -> ConfigDict:
     c.task = "clipjax.toy:make_task"
     c.batch_size = 64
     c.total_steps = 60
-    c.model = ConfigDict(dict(d_in=16, hidden=64, d_out=8))
+    c.model = ConfigDict(dict(d_in=16, hidden=64, d_out=8, data_delay_s=0.0, nan_at_step=-1))
     c.optim.lr = 3e-3
     c.optim.warmup_steps = 5
     c.optim.weight_decay = 1e-4
