@@ -11,6 +11,8 @@ import os
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# The suite is written for CPU (tiny configs, f32); subprocesses inherit this.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 _PARITY_MODULES = ("torch", "open_clip", "dall_e")
 
