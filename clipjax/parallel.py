@@ -30,6 +30,9 @@ def maybe_initialize_distributed(dist_cfg: Any) -> None:
     if not wanted or jax.distributed.is_initialized():
         return
     kwargs = {}
+    if os.environ.get("JAX_PLATFORMS", "").startswith("cpu"):
+        # Multi-process on CPU (tests, laptops): cross-process collectives need gloo.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if dist_cfg.coordinator_address:
         kwargs = dict(coordinator_address=dist_cfg.coordinator_address,
                       num_processes=int(dist_cfg.num_processes),
