@@ -1,0 +1,7 @@
+"""CLIP RN101 at paper scale (see configs/clip/common.py)."""
+from configs.clip.common import paper_config
+
+
+def get_config():
+    c = paper_config("RN101", lr=0.0005, image_size=224)
+    return c
