@@ -1,0 +1,1 @@
+"""Deterministic test data generators (no stored data files)."""
