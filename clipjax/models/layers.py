@@ -371,6 +371,8 @@ def _stack_leaves(leaves):
         stacked = jnp.stack([leaf.unbox() for leaf in leaves])
         return first.replace_boxed(stacked).add_axis(0, {nn.PARTITION_NAME: "layers"}) \
             if hasattr(first, "add_axis") else first.replace_boxed(stacked)
+    if isinstance(first, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct((len(leaves),) + tuple(first.shape), first.dtype)
     return np.stack(leaves) if isinstance(first, np.ndarray) else jnp.stack(leaves)
 
 
@@ -402,6 +404,8 @@ def _unstack_leaf(leaf, i):
         if hasattr(leaf, "remove_axis"):
             return leaf.remove_axis(0, {nn.PARTITION_NAME: "layers"}).replace_boxed(value)
         return leaf.replace_boxed(value)
+    if isinstance(leaf, jax.ShapeDtypeStruct):  # shapes from jax.eval_shape
+        return jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype)
     return leaf[i]
 
 
