@@ -43,7 +43,7 @@ def make_schedule(cfg: Any, total_steps: int) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), main], [warmup])
 
 
-def make_optimizer(cfg: Any, total_steps: int) -> optax.GradientTransformation:
+def make_optimizer(cfg: Any, total_steps: int, extra_frozen: tuple = ()) -> optax.GradientTransformation:
     """Builds the optax chain described by ``config.optim``."""
     schedule = make_schedule(cfg, total_steps)
     parts = []
@@ -60,7 +60,7 @@ def make_optimizer(cfg: Any, total_steps: int) -> optax.GradientTransformation:
         parts.append(optax.add_decayed_weights(float(cfg.weight_decay), mask=mask))
         parts.append(optax.sgd(schedule, momentum=cfg.b1 or None))
     tx = optax.chain(*parts)
-    freeze = tuple(cfg.freeze)
+    freeze = tuple(cfg.freeze) + tuple(extra_frozen)
     if freeze:
         labels = lambda p: _tree_by_path(
             p, lambda path: "frozen" if any(path.startswith(f) for f in freeze) else "train")

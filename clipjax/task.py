@@ -32,6 +32,8 @@ class Task:
       data: see DataFn. Must be deterministic in (config seed, step) so resume needs no replay.
       evaluators: name -> EvalFn, run every ``config.train.eval_every`` steps and at the end.
       flops_per_example: training FLOPs per example (forward + backward) for MFU; 0 = unknown.
+      frozen: parameter path prefixes the task keeps frozen (e.g. LiT's image tower), in
+        addition to ``config.optim.freeze``.
     """
     name: str
     init: Callable[[jax.Array], Mapping[str, Any]]
@@ -39,3 +41,4 @@ class Task:
     data: DataFn
     evaluators: Mapping[str, EvalFn] = dataclasses.field(default_factory=dict)
     flops_per_example: float = 0.0
+    frozen: tuple = ()

@@ -69,7 +69,7 @@ class Trainer:
         self.task, self.config = task, config
         self.mesh = mesh if mesh is not None else parallel.make_mesh(config.mesh)
         self.rules = tuple(tuple(r) for r in config.sharding.rules)
-        self.tx = optim.make_optimizer(config.optim, int(config.total_steps))
+        self.tx = optim.make_optimizer(config.optim, int(config.total_steps), tuple(task.frozen))
         self.schedule = optim.make_schedule(config.optim, int(config.total_steps))
         self.accum = int(config.grad_accum_steps)
         self.base_key = jax.random.key(int(config.seed))
