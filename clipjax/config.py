@@ -37,7 +37,8 @@ def base_config() -> ml_collections.ConfigDict:
                     "positional", "ln_", "norm"),
         schedule="cosine",          # cosine | linear | constant
         warmup_steps=0, end_lr_ratio=0.0, grad_clip_norm=0.0, ema_decay=0.0,
-        freeze=(),                  # parameter path prefixes kept frozen (e.g. LiT: ("image",))
+        decay_steps=0,              # steps of decay after warmup, then constant; 0 = until the end
+        freeze=(),                  # parameter path prefixes kept frozen (e.g. ("visual",) for LiT)
     ))
     c.train = ml_collections.ConfigDict(dict(
         log_every=10, eval_every=0, progress_bar=True,

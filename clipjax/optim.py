@@ -31,7 +31,7 @@ def decay_mask(params: Any, exclude: tuple[str, ...]) -> Any:
 def make_schedule(cfg: Any, total_steps: int) -> optax.Schedule:
     warmup = int(cfg.warmup_steps)
     peak, end = float(cfg.lr), float(cfg.lr) * float(cfg.end_lr_ratio)
-    decay_steps = max(total_steps - warmup, 1)
+    decay_steps = int(cfg.get("decay_steps", 0)) or max(total_steps - warmup, 1)  # then constant
     if cfg.schedule == "cosine":
         main = optax.cosine_decay_schedule(peak, decay_steps, alpha=float(cfg.end_lr_ratio))
     elif cfg.schedule == "linear":
