@@ -72,6 +72,13 @@ _PRETOKENIZE = regex.compile(
     r"|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+",
     regex.IGNORECASE)
 
+# The same pattern for ASCII-only text, on the faster `re` engine: on ASCII, \p{L} is
+# [A-Za-z] and \p{N} is [0-9] (the tests compare both patterns on every ASCII character).
+_PRETOKENIZE_ASCII = re.compile(
+    rf"{re.escape(SOT_TOKEN)}|{re.escape(EOT_TOKEN)}"
+    r"|'s|'t|'re|'ve|'m|'ll|'d|[A-Za-z]+|[0-9]|[^\sA-Za-z0-9]+",
+    re.IGNORECASE | re.ASCII)
+
 # Separates texts inside one joined batch string. It never reaches the pre-tokeniser: texts
 # containing it take the careful path, and cleaning removes it (ftfy drops C0 controls).
 _SEP = "\x00"
@@ -79,6 +86,8 @@ _SEP_ID = -1
 # Characters of the plain-ASCII fast path: printable ASCII minus '&', plus tab, newline,
 # form feed (and the separator, which is counted separately).
 _NOT_FAST_ASCII = re.compile(r"[^\x00\t\n\x0c\x20-\x25\x27-\x7e]")
+_FAST_BYTES = bytes(b for b in range(128) if not _NOT_FAST_ASCII.match(chr(b)))
+_NOT_FAST_LUT = np.array([bool(_NOT_FAST_ASCII.match(chr(b))) for b in range(128)])
 
 _MAX_CACHED_CHUNK = 128        # longer chunks are tokenised but not remembered
 _CACHE_LIMIT = 1 << 20         # chunk-cache entries before it starts afresh
@@ -158,6 +167,9 @@ def _build_ftfy_touched():
         table_class = "[" + "".join(f"\\U{cp:08x}" for cp in sorted(tables)) + "]"
         classes = [chardata.C1_CONTROL_RE.pattern, chardata.SINGLE_QUOTE_RE.pattern,
                    chardata.DOUBLE_QUOTE_RE.pattern, fixes.SURROGATE_RE.pattern, table_class]
+        if all(p.startswith("[") and p.endswith("]") and not p.startswith("[^")
+               and p.count("[") == 1 for p in classes):
+            return re.compile("[" + "".join(p[1:-1] for p in classes) + "]")  # one class: fast
         return re.compile("|".join(f"(?:{p})" for p in classes))
     except (ImportError, AttributeError, TypeError):
         return None
@@ -329,7 +341,8 @@ class Tokenizer:
         self.eot_token_id = self._encoder[EOT_TOKEN]
         self._bpe = (_RustBPE if self.backend == "rust" else _PythonBPE)(self._encoder, merges)
         self._specials = {SOT_TOKEN: (self.sot_token_id,), EOT_TOKEN: (self.eot_token_id,)}
-        self._cache = {_SEP: (_SEP_ID,)}
+        self._cache = {_SEP: (_SEP_ID,)}                # whitespace-free chunk → ids
+        self._words = dict(self._specials)              # pre-tokenised word → ids
         self._lock = threading.Lock()    # serialises cache replacement only
 
     # -- pickling: rebuild from the path instead of shipping 49k-entry dicts -----------------
@@ -365,10 +378,7 @@ class Tokenizer:
         if n == 0:
             return out
         joined = _SEP.join(texts)
-        if joined.count(_SEP) == n - 1 and not _NOT_FAST_ASCII.search(joined):
-            fast = np.ones(n, bool)           # the common case: one C pass over the batch
-        else:
-            fast = np.array([_SEP not in t and not _NOT_FAST_ASCII.search(t) for t in texts])
+        fast = _fast_texts(texts, joined)
         if fast.all():
             self._fill(out, np.arange(n), joined.lower())
             return out
@@ -431,16 +441,21 @@ class Tokenizer:
         _pack(out, rows, flat, self.sot_token_id, self.eot_token_id)
 
     def _pieces_with_misses(self, chunks: list[str], cache: dict) -> list[tuple]:
-        missing = {c for c in chunks if c not in cache}
-        fresh = {c: tuple(self._chunk_ids_uncached(c)) for c in missing}
-        pieces = [cache[c] if c in cache else fresh[c] for c in chunks]
-        keep = {c: v for c, v in fresh.items() if len(c) <= _MAX_CACHED_CHUNK}
+        fresh = {c: tuple(self._chunk_ids_uncached(c)) for c in set(chunks).difference(cache)}
         with self._lock:
-            if len(self._cache) + len(keep) > _CACHE_LIMIT:
+            current = self._cache
+            if len(current) + len(fresh) > _CACHE_LIMIT:
                 # Replace rather than clear: readers holding the old dict stay valid.
-                self._cache = {_SEP: (_SEP_ID,), **keep}
-            else:
-                self._cache.update(keep)
+                current = self._cache = {_SEP: (_SEP_ID,)}
+            current.update(fresh)
+        try:
+            pieces = list(map(current.__getitem__, chunks))
+        except KeyError:   # the cache was replaced or trimmed meanwhile: look up by hand
+            pieces = [fresh.get(c) or cache.get(c) or tuple(self._chunk_ids_uncached(c))
+                      for c in chunks]
+        for c in fresh:    # long chunks are rarely seen twice: do not keep them
+            if len(c) > _MAX_CACHED_CHUNK:
+                current.pop(c, None)
         return pieces
 
     def _chunk_ids(self, chunk: str) -> tuple:
@@ -448,17 +463,52 @@ class Tokenizer:
         return hit if hit is not None else tuple(self._chunk_ids_uncached(chunk))
 
     def _chunk_ids_uncached(self, chunk: str) -> list[int]:
+        """Reference regex over the chunk, then per word: special id, cached ids, or BPE."""
+        words = self._words
         ids = []
-        for word in _PRETOKENIZE.findall(chunk):
-            special = self._specials.get(word)
-            ids.extend(special if special is not None else self._bpe(_byte_chars(word)))
+        pretokenize = _PRETOKENIZE_ASCII if chunk.isascii() else _PRETOKENIZE
+        for word in pretokenize.findall(chunk):
+            hit = words.get(word)
+            if hit is None:
+                hit = tuple(self._bpe(_byte_chars(word)))
+                if len(words) >= _CACHE_LIMIT:   # replace, never clear under a reader
+                    words = self._words = dict(self._specials)
+                words[word] = hit
+            ids.extend(hit)
         return ids
+
+
+def _fast_texts(texts: list[str], joined: str) -> np.ndarray:
+    """Which texts may take the plain-ASCII path (bool per text), from one scan of the batch."""
+    n = len(texts)
+    if joined.count(_SEP) != n - 1:       # a text contains the separator itself: rare
+        return np.array([_SEP not in t and not _NOT_FAST_ASCII.search(t) for t in texts])
+    if joined.isascii():
+        raw = joined.encode("ascii")
+        if not raw.translate(None, _FAST_BYTES):
+            return np.ones(n, bool)        # the common case: two C passes, no per-text work
+        bad = _NOT_FAST_LUT[np.frombuffer(raw, np.uint8)]
+    else:
+        codes = np.frombuffer(joined.encode("utf-32-le", "surrogatepass"), "<u4")
+        bad = (codes > 127) | _NOT_FAST_LUT[np.minimum(codes, 127)]
+    # Text i ends at the separator at ends[i]; a bad position p belongs to the text whose
+    # end is the first one after p.
+    ends = np.cumsum(np.fromiter(map(len, texts), np.int64, n) + 1) - 1
+    fast = np.ones(n, bool)
+    fast[np.searchsorted(ends, np.flatnonzero(bad), side="right")] = False
+    return fast
 
 
 def _pack(out: np.ndarray, rows: np.ndarray, flat: np.ndarray, sot: int, eot: int) -> None:
     """Scatter ``flat`` (ids of consecutive texts separated by _SEP_ID) into rows of ``out``:
     SOT, the first ``l - 2`` ids, EOT, zeros — the reference's truncate-then-set-EOT rule."""
     length = out.shape[1]
+    if rows.size == 1:                    # one text: plain slicing beats the scatter
+        keep = min(flat.size, length - 2)
+        out[rows[0], 0] = sot
+        out[rows[0], 1:1 + keep] = flat[:keep]
+        out[rows[0], 1 + keep] = eot
+        return
     sep = np.flatnonzero(flat == _SEP_ID)
     starts = np.concatenate([[0], sep + 1])
     ends = np.concatenate([sep, [flat.size]])
@@ -484,6 +534,8 @@ def _as_text_list(texts) -> list[str]:
         texts = texts.reshape(-1).tolist()
     elif not isinstance(texts, Sequence):
         raise TypeError(f"texts must be a str or a sequence of str, got {type(texts).__name__}.")
+    if set(map(type, texts)) <= {str}:
+        return list(texts)
     result = []
     for i, t in enumerate(texts):
         if isinstance(t, str):

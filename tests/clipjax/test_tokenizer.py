@@ -212,6 +212,32 @@ def test_fast_ascii_alphabet_claims():
             assert ftfy_is_noop(c) and html.unescape(c) == c
 
 
+def test_ascii_pretokenizer_equals_reference_regex():
+    """Chunks that are pure ASCII use the `re` twin of the reference pattern."""
+    ascii_chars = [chr(c) for c in range(128)]
+    for a in ascii_chars:
+        for b in ascii_chars:
+            text = a + b
+            assert tk._PRETOKENIZE_ASCII.findall(text) == tk._PRETOKENIZE.findall(text), text
+    for text in ("<start_of_text>", "<END_OF_TEXT>x", "it's", "IT'S'LL'd", "a'b'c",
+                 "<start_of_text<end_of_text>>", "don'T", "''s", "x1y22z"):
+        assert tk._PRETOKENIZE_ASCII.findall(text) == tk._PRETOKENIZE.findall(text), text
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(st.characters(max_codepoint=127), max_size=40))
+def test_ascii_pretokenizer_hypothesis(text):
+    assert tk._PRETOKENIZE_ASCII.findall(text) == tk._PRETOKENIZE.findall(text)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.text(st.characters(max_codepoint=0x3000) | st.sampled_from(list(FAST_ASCII)),
+                        max_size=20), max_size=8))
+def test_fast_text_classification(texts):
+    expected = [tk._SEP not in t and not tk._NOT_FAST_ASCII.search(t) for t in texts]
+    assert tk._fast_texts(texts, tk._SEP.join(texts)).tolist() == expected
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.text(st.sampled_from(list(FAST_ASCII)), max_size=60), max_size=6))
 def test_fast_ascii_path_matches_definition(texts):
@@ -266,10 +292,18 @@ def test_decode_roundtrip_words(tok):
         assert decoded.replace(" ", "") == cleaned.replace(" ", "")
 
 
-def test_pickle_and_threads(tok, corpus, corpus_ids):
+def test_pickle(tok, corpus, corpus_ids):
     clone = pickle.loads(pickle.dumps(tok))
     assert clone.context_length == tok.context_length and clone.backend == tok.backend
     np.testing.assert_array_equal(clone(corpus[:200]), corpus_ids[:200])
+    assert len(pickle.dumps(tok)) < 1000      # the pickle holds settings, not the vocab
+
+
+@pytest.mark.parametrize("cache_limit", [tk._CACHE_LIMIT, 300])
+def test_threads(corpus, corpus_ids, monkeypatch, cache_limit):
+    # A fresh tokenizer shared by 6 threads: concurrent cache misses, inserts, and (with the
+    # small limit) cache replacements while other threads read.
+    monkeypatch.setattr(tk, "_CACHE_LIMIT", cache_limit)
     shared, results, errors = Tokenizer(), {}, []
 
     def work(k):
