@@ -7,8 +7,10 @@ Differences from a torchvision ResNet, as in the CLIP paper:
 - attention pooling instead of global average pooling: the spatial mean is prepended as a
   query token, with its own positional embedding and q/k/v/c projections.
 
-BatchNorm runs on running statistics (collection ``batch_stats``) unless ``train=True``
-(then call ``apply(..., mutable=['batch_stats'])``).
+BatchNorm runs in inference mode on its running statistics (collection ``batch_stats``, carried
+like params), also with ``train=True``: that is how CLIP ResNets are fine-tuned and keeps the
+train step free of mutable state. Set ``batchnorm_train=True`` to use batch statistics when
+``train=True`` (then ``apply(..., mutable=['batch_stats'])``).
 """
 from __future__ import annotations
 
@@ -53,6 +55,7 @@ class Bottleneck(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
+        """``train`` here means "BatchNorm uses batch statistics"."""
         conv = lambda f, k, name: _conv(f, k, 1, self.dtype, self.param_dtype, self.precision, name)  # noqa
         bn = lambda name, zero=False: _bn(train, self.dtype, self.param_dtype, name, zero)  # noqa
         out = nn.relu(bn("bn1")(conv(self.planes, 1, "conv1")(x)))
@@ -117,6 +120,7 @@ class ModifiedResNet(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     precision: Any = None
+    batchnorm_train: bool = False  # True: BatchNorm uses (and updates) batch statistics when train=True
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
@@ -129,6 +133,7 @@ class ModifiedResNet(nn.Module):
             raise ValueError(f"ModifiedResNet needs 4 stage depths, got layers={self.layers}.")
         x = images.astype(self.dtype)
         w = self.width
+        train = train and self.batchnorm_train
         for i, (features, stride) in enumerate([(w // 2, 2), (w // 2, 1), (w, 1)], start=1):
             x = _conv(features, 3, stride, self.dtype, self.param_dtype, self.precision, f"conv{i}")(x)
             x = nn.relu(_bn(train, self.dtype, self.param_dtype, f"bn{i}")(x))

@@ -269,7 +269,7 @@ def test_cli_direction_errors(tmp_path):
 
 
 @pytest.mark.parity
-@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.filterwarnings("ignore:Converting a tensor to a Python boolean")
 def test_cli_state_dict_and_torchscript(tmp_path):
     """CLI on a torch.save state dict (read without torch) and on a TorchScript archive (torch.jit)."""
     import torch
