@@ -216,7 +216,6 @@ def generate(model: DalleTransformer, params: Any, dvae, dvae_params: Any, text:
 
 def _main(config, workdir: str) -> int:
     del workdir
-    import flax.linen as nn  # noqa: F401
     from dallejax.dvae import DVAE, model_from_config as dvae_from_config
 
     if not _PROMPT.value and not (_COMPLETE.value or _EDIT.value):
