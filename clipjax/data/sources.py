@@ -79,6 +79,7 @@ class Source:
     kind = "array"
     name = "source"
     classnames: Optional[list] = None
+    has_labels: Optional[bool] = None  # None: decided from ``labels`` / ``classnames``
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -440,16 +441,18 @@ class ShardsSource(Source):
     """
     kind = "encoded"
 
-    def __init__(self, path_or_files, classnames: Optional[list] = None):
+    def __init__(self, path_or_files, classnames: Optional[list] = None, has_labels: bool = False):
         import tensorflow as tf
         self.files = _glob_shards(path_or_files) if isinstance(path_or_files, str) else list(path_or_files)
         self.name = os.path.basename(os.path.normpath(path_or_files)) if isinstance(path_or_files, str) else "shards"
-        self.classnames = classnames
-        if classnames is None and isinstance(path_or_files, str) and tf.io.gfile.isdir(path_or_files):
+        self.classnames, self.has_labels = classnames, has_labels
+        if isinstance(path_or_files, str) and tf.io.gfile.isdir(path_or_files):
             meta = os.path.join(path_or_files, "dataset.json")
             if tf.io.gfile.exists(meta):
                 with tf.io.gfile.GFile(meta) as f:
-                    self.classnames = json.load(f).get("classnames")
+                    info = json.load(f)
+                self.classnames = self.classnames or info.get("classnames")
+                self.has_labels = bool(info.get("has_labels", False))
         self.offsets = []
         for fname in self.files:
             idx = fname + ".idx"
@@ -483,7 +486,7 @@ class ShardsSource(Source):
             raise DataError(f"{len(self.files)} shard files for {process_count} processes: each host "
                             f"reads its own shards, so re-create them with "
                             f"--num_shards a multiple of {process_count}")
-        sub = ShardsSource(self.files[process_index::process_count], self.classnames)
+        sub = ShardsSource(self.files[process_index::process_count], self.classnames, self.has_labels)
         sub.name = self.name
         return sub, "local"
 
@@ -521,11 +524,11 @@ class ShardsSource(Source):
     def attrs(self, index: int) -> Optional[dict]:
         return parse_tf_example(self.read_record(index))[4]
 
-    def __del__(self):
+    def __del__(self, _close=os.close):  # os may be gone at interpreter exit
         for fd in getattr(self, "_fds", {}).values():
             try:
-                os.close(fd)
-            except OSError:
+                _close(fd)
+            except Exception:
                 pass
 
 
@@ -599,6 +602,7 @@ class TFDSSource(Source):
                     classnames = [n.replace("_", " ") for n in builder.info.features[label_key].names]
             self.classnames = list(classnames)
         self.templates = tuple(templates or cn.TEMPLATES.get(base, ("a photo of a {}.",)))
+        self.has_labels = bool(label_key)
 
     def __len__(self) -> int:
         return len(self.ds)
