@@ -289,16 +289,19 @@ def _cli(args, tmp_path):
                           capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=600)
 
 
-def test_generate_cli_completion_writes_grid(tmp_path):
+def test_generate_cli_completion_rerank_writes_grid(tmp_path):
     from PIL import Image
     Image.fromarray((np.random.RandomState(0).rand(12, 10, 3) * 255).astype(np.uint8)).save(tmp_path / "in.png")
     out = tmp_path / "grid.png"
     r = _cli(["--checkpoint=random", "--dvae-checkpoint=random", "--prompt=a red square", "--num=3",
-              "--batch=2", "--complete=in.png", "--keep-rows=1", "--top-k=4", f"--out={out}"], tmp_path)
+              "--batch=2", "--complete=in.png", "--keep-rows=1", "--top-k=4", "--rerank-with=random",
+              "--clip-model=tiny-vit", "--keep=2", f"--out={out}"], tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "wrote 3 images" in r.stdout
+    assert "wrote 2 images" in r.stdout
+    scores = [float(v) for v in r.stdout.split("clip scores:")[1].splitlines()[0].split()]
+    assert len(scores) == 2 and scores[0] >= scores[1]
     img = np.asarray(Image.open(out))
-    assert img.shape == (2 * 10 + 2, 2 * 10 + 2, 3)      # 2x2 grid of 8 px images, 2 px padding
+    assert img.shape == (10 + 2, 2 * 10 + 2, 3)      # 1x2 grid of 8 px images, 2 px padding
 
 
 def test_generate_cli_user_errors_are_one_line(tmp_path):
