@@ -63,3 +63,18 @@ class TextTransformer(nn.Module):
         proj = self.param("text_projection", nn.with_logical_partitioning(
             nn.initializers.normal(w ** -0.5), ("embed", None)), (w, self.output_dim), self.param_dtype)
         return jnp.dot(pooled, proj.astype(self.dtype), precision=self.precision)
+
+
+def trim_padding(tokens, multiple: int = 16):
+    """Host-side: drop the padding columns after the last EOT of the batch (numpy ``b l -> b l'``).
+
+    Exact for :class:`TextTransformer`: attention is causal and features are pooled at the EOT,
+    so nothing after the EOT can influence them. ``l'`` is rounded up to ``multiple`` (and capped at
+    ``l``) so that a jitted encoder compiles for a handful of lengths only.
+    """
+    import numpy as np
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 2 or tokens.shape[0] == 0:
+        return tokens
+    needed = int(np.argmax(tokens, axis=-1).max()) + 1
+    return tokens[:, :min(tokens.shape[1], -(-needed // multiple) * multiple)]
