@@ -16,6 +16,10 @@ resolves only an allow-list of names to *our own* inert implementations:
 Anything else (``os.system``, ``builtins.eval``, ``subprocess.Popen`` ...) raises
 :class:`UnsafePickleError`, which names the global and how to opt in.
 
+TorchScript archives (``torch.jit.save``, e.g. OpenAI's CLIP ``.pt`` files) are read the same
+way with ``allow_modules=True``: their ``__torch__.*`` classes become placeholders, ``data.pkl``
+yields the attribute tree and ``code/`` is never looked at.
+
 Formats: the zip format of torch >= 1.6 (``<archive>/data.pkl`` + ``<archive>/data/<key>``
 storages + ``<archive>/byteorder``) and the legacy stream format
 (``torch.save(..., _use_new_zipfile_serialization=False)``). Storages of dtype float16/32/64,
@@ -167,6 +171,8 @@ class TorchModule:
     def __setstate__(self, state):
         if isinstance(state, tuple) and len(state) == 2:  # (dict state, slot state)
             state = {**(state[0] or {}), **(state[1] or {})}
+        if not isinstance(state, dict) and self.is_torchscript:
+            state = {"_state": state}  # a TorchScript __setstate__ payload; kept as data
         if not isinstance(state, dict):
             raise UnsafePickleError(
                 f"unexpected pickled state of type {type(state).__name__} for module "
@@ -174,23 +180,36 @@ class TorchModule:
         self.__dict__.update(state)
 
     def __repr__(self):
-        children = ", ".join(getattr(self, "_modules", {}) or {})
+        children = ", ".join(name for name, _ in self._children())
         return f"TorchModule({self.torch_class}{'; ' + children if children else ''})"
+
+    @property
+    def is_torchscript(self) -> bool:
+        """TorchScript modules pickle a flat attribute dict (no ``_parameters``/``_modules``)."""
+        return self.torch_class.startswith("__torch__")
+
+    def _children(self):
+        if self.is_torchscript:
+            return [(k, v) for k, v in self.__dict__.items() if isinstance(v, TorchModule)]
+        return [(k, v) for k, v in (self.__dict__.get("_modules") or {}).items() if v is not None]
 
     def named_modules(self, prefix: str = ""):
         """Yields ``(dotted_name, module)`` for this module and all descendants (torch order)."""
         yield prefix, self
-        for name, child in (self.__dict__.get("_modules") or {}).items():
-            if child is not None:
-                yield from child.named_modules(f"{prefix}.{name}" if prefix else name)
+        for name, child in self._children():
+            yield from child.named_modules(f"{prefix}.{name}" if prefix else name)
 
     def state_dict(self) -> "collections.OrderedDict[str, np.ndarray]":
         """``{dotted_name: array}`` like ``nn.Module.state_dict()``: parameters, persistent
-        buffers, then children, recursively."""
+        buffers, then children, recursively. For TorchScript modules, every array attribute
+        (parameters, buffers and plain tensor attributes) in attribute order."""
         out: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
         for prefix, module in self.named_modules():
             d = module.__dict__
             dot = f"{prefix}." if prefix else ""
+            if module.is_torchscript:
+                out.update((dot + k, v) for k, v in d.items() if isinstance(v, np.ndarray))
+                continue
             for name, value in (d.get("_parameters") or {}).items():
                 if value is not None:
                     out[dot + name] = value
@@ -289,6 +308,12 @@ _SAFE_GLOBALS: dict[str, Any] = {
     "builtins.set": set,
     "builtins.frozenset": _frozen_set,
     "_codecs.encode": _codecs_encode,
+    # TorchScript pickles wrap typed containers in these; all are identity functions here.
+    "torch.jit._pickle.restore_type_tag": lambda value, type_str: value,
+    "torch.jit._pickle.build_intlist": list,
+    "torch.jit._pickle.build_doublelist": list,
+    "torch.jit._pickle.build_boollist": list,
+    "torch.jit._pickle.build_tensorlist": list,
 }
 _SAFE_GLOBALS.update({f"torch.{k}": _StorageType(k, v) for k, v in _STORAGE_DTYPES.items()})
 _SAFE_GLOBALS.update({f"torch.{k}": TorchDtype(k, v) for k, v in _TORCH_DTYPES.items()})
@@ -319,7 +344,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
             return self._extra_globals[qual]
         if qual in _SAFE_GLOBALS:
             return _SAFE_GLOBALS[qual]
-        if qual in self._module_classes:
+        if qual in self._module_classes or module == "__torch__" or module.startswith("__torch__."):
             if self._allow_modules:
                 return _module_stub(qual)
             raise UnsafePickleError(
@@ -365,10 +390,12 @@ def _load_zip(path: str, zf: zipfile.ZipFile, opts) -> Any:
     if not pkls:
         raise ValueError(f"{path}: zip archive without '<archive>/data.pkl'; not a torch.save file")
     prefix = pkls[0][: -len("data.pkl")]
-    if any(n.startswith(prefix + "code/") for n in names) or prefix + "constants.pkl" in names:
-        raise ValueError(
-            f"{path} is a TorchScript archive (torch.jit.save), not a torch.save file; load it "
-            "with torch.jit.load, or export its state_dict() with torch.save first.")
+    if (any(n.startswith(prefix + "code/") for n in names) or prefix + "constants.pkl" in names) \
+            and not opts["allow_modules"]:
+        raise UnsafePickleError(
+            f"{path} is a TorchScript archive (torch.jit.save) holding a scripted module. To read "
+            "its parameters without torch, call load_torch_file(..., allow_modules=True): its "
+            "__torch__.* classes become inert TorchModule placeholders and its code is never run.")
     byteorder = "little"
     if prefix + "byteorder" in names:
         byteorder = zf.read(prefix + "byteorder").decode().strip()

@@ -244,3 +244,28 @@ def test_pickled_dall_e_module_loads_without_torch(tmp_path, zip_format):
     assert list(ours.keys()) == list(ref)
     for k in ref:
         np.testing.assert_array_equal(ours[k], ref[k].numpy())
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("how", ["script", "trace"])
+def test_torchscript_archive_parameters(tmp_path, how):
+    """torch.jit.save archives (OpenAI CLIP .pt style): parameters read, code never run."""
+    t = _torch()
+    t.manual_seed(0)
+    net = t.nn.Sequential(t.nn.Conv2d(3, 4, 3), t.nn.BatchNorm2d(4),
+                          t.nn.Sequential(t.nn.Flatten(), t.nn.Linear(64, 2)))
+    net[1].running_mean.uniform_()
+    if how == "script":  # fp16 weights, as in OpenAI's CLIP archives
+        scripted = t.jit.script(net.half())
+    else:
+        scripted = t.jit.trace(net, t.randn(1, 3, 6, 6))
+    path = tmp_path / "ts.pt"
+    scripted.save(str(path))
+    with pytest.raises(UnsafePickleError, match="TorchScript archive.*allow_modules=True"):
+        load_torch_file(path)
+    module = load_torch_file(path, allow_modules=True)
+    assert module.torch_class.startswith("__torch__.") and module.is_torchscript
+    ours, ref = torch_pickle.state_dict(module), scripted.state_dict()
+    assert sorted(ours) == sorted(ref)
+    for k in ref:
+        np.testing.assert_array_equal(ours[k], _as_numpy(ref[k]), err_msg=k)
