@@ -35,6 +35,7 @@ def photos():
     out["5x7 (upscaled)"] = ast.resize((5, 7), Image.Resampling.BICUBIC)
     out["224x224 (no resize)"] = ast.resize((224, 224), Image.Resampling.BICUBIC)
     out["225x224"] = ast.resize((225, 224), Image.Resampling.BICUBIC)
+    out["224x315 (crop offset 45.5)"] = ast.resize((224, 315), Image.Resampling.BICUBIC)
     out["palette"] = ast.convert("P", palette=Image.Palette.ADAPTIVE)
     out["CMYK"] = ast.convert("CMYK")
     out["LA"] = ast.convert("LA")
@@ -275,8 +276,9 @@ def test_random_resized_crop_box_constraints(tf):
     aspect = w / h
     assert aspect.min() > 0.74 and aspect.max() < 1.35
     assert len({tuple(b) for b in boxes}) > 250
-    # A 1x300 strip fits no candidate: torchvision's fallback, a centred 1x1 crop.
+    # Strips fit no candidate: torchvision's fallback, a centred crop clamped to the ratio.
     np.testing.assert_array_equal(_boxes(tf, 1, 300, 3, (0.9, 1.0)), [[0, 149, 1, 1]] * 3)
+    np.testing.assert_array_equal(_boxes(tf, 300, 2, 3, (0.9, 1.0)), [[148, 0, 3, 2]] * 3)
 
 
 @pytest.mark.parity
@@ -296,6 +298,8 @@ def test_random_resized_crop_distribution_matches_torchvision(tf):
         (b[:, 2] * b[:, 3]).mean() / (height * width), np.log(b[:, 3] / b[:, 2]).mean(),
         b[:, 0].mean(), b[:, 1].mean()])
     np.testing.assert_allclose(stats(ours), stats(ref), atol=0.035)
-    # torchvision's fallback on a strip: same box.
-    strip = RandomResizedCrop.get_params(torch.zeros(3, 1, 300), [0.9, 1.0], [3 / 4, 4 / 3])
-    np.testing.assert_array_equal(_boxes(tf, 1, 300, 1, (0.9, 1.0))[0], strip)
+    # torchvision's fallback on strips: same boxes.
+    for height, width in ((1, 300), (300, 2), (5, 300), (300, 7)):
+        strip = RandomResizedCrop.get_params(torch.zeros(3, height, width), [0.9, 1.0],
+                                             [3 / 4, 4 / 3])
+        np.testing.assert_array_equal(_boxes(tf, height, width, 1, (0.9, 1.0))[0], strip)
