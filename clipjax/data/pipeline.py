@@ -59,6 +59,8 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
         builtin_size=0,         # digits/shapes stored resolution (0 = image_size)
         shapes_num_train=8640, shapes_num_test=1728,
         crop_scale=(0.9, 1.0),  # random-resized-crop area range for training
+        train_resize="fast",    # fast: one antialiased TF bicubic pass; pil: clipjax.preprocess's
+                                # PIL-exact two-pass 8-bit resize (same crop box, slower)
         context_length=77,
         num_parallel_calls=AUTOTUNE,
         prefetch=2,             # batches
@@ -410,6 +412,9 @@ def make_train_iterator(config, start_step: int = 0, process_index: int = 0, pro
     scale = tuple(float(s) for s in _cfg(data_cfg, "crop_scale"))
     kind = host_source.kind
     image_dtype = tf.string if kind == "encoded" else tf.uint8
+    resize = _cfg(data_cfg, "train_resize")
+    if resize not in ("fast", "pil"):
+        raise DataError(f"config.data.train_resize={resize!r}: use 'fast' or 'pil'")
 
     def load(element):
         step, slot = element // local_batch, element % local_batch
@@ -418,7 +423,10 @@ def make_train_iterator(config, start_step: int = 0, process_index: int = 0, pro
             stateful=False)
         image = _decode(image, kind)
         seed.set_shape([2])
-        image = preprocess.tf_random_resized_crop(image, size, scale=scale, seed=seed)
+        if resize == "pil":
+            image = preprocess.tf_random_resized_crop(image, size, scale=scale, seed=seed)
+        else:
+            image = _fast_random_resized_crop(image, size, scale, seed)
         image = tf.ensure_shape(tf.cast(image, tf.float32), [size, size, 3])
         caption.set_shape([])
         label.set_shape([])
@@ -430,6 +438,23 @@ def make_train_iterator(config, start_step: int = 0, process_index: int = 0, pro
     ds = _finish(ds, local_batch, int(_cfg(data_cfg, "context_length")), has_labels(source),
                  int(_cfg(data_cfg, "prefetch")))
     return DataIterator(ds.with_options(_options()), stats, host_source, mode)
+
+
+def _fast_random_resized_crop(image, size: int, scale, seed):
+    """The same crop box as clipjax.preprocess.tf_random_resized_crop (torchvision's sampling,
+    stateless in ``seed``), resized with ONE antialiased TF bicubic pass in float. The 'pil'
+    variant reproduces PIL's two 8-bit passes exactly, which costs ~2 extra full-image passes;
+    training augmentation need not match PIL to the grey level (eval does, and uses it)."""
+    import tensorflow as tf
+    from clipjax import preprocess
+    shape = tf.shape(image)
+    top, left, ch, cw = preprocess.tf_random_resized_crop_box(shape[0], shape[1], seed, scale)
+    crop = tf.cast(tf.slice(image, tf.stack([top, left, 0]), tf.stack([ch, cw, 3])), tf.float32)
+    out = tf.image.resize(crop, [size, size], method="bicubic", antialias=True)
+    out = tf.clip_by_value(out, 0.0, 255.0) / 255.0
+    mean = tf.constant(preprocess.CLIP_MEAN, tf.float32)
+    std = tf.constant(preprocess.CLIP_STD, tf.float32)
+    return (out - mean) / std
 
 
 def make_data_fn(config):

@@ -329,3 +329,15 @@ def test_config_errors_name_the_key():
         pipeline.make_source(_config(source="shards").data)
     with pytest.raises(sources.DataError, match="divisible"):
         pipeline.make_train_iterator(_config(batch_size=5), 0, 0, 2)
+
+
+def test_fast_and_pil_train_resize_agree(digits_train):
+    """Same crop boxes; the one-pass resize stays close to the PIL-exact one."""
+    fast = next(pipeline.make_train_iterator(_config(image_size=24), 1, source=digits_train))
+    pil = next(pipeline.make_train_iterator(_config(image_size=24, train_resize="pil"), 1,
+                                            source=digits_train))
+    np.testing.assert_array_equal(fast["tokens"], pil["tokens"])
+    diff = np.abs(fast["images"] - pil["images"])
+    assert diff.mean() < 0.03 and diff.max() < 0.5, (diff.mean(), diff.max())
+    with pytest.raises(sources.DataError, match="train_resize"):
+        pipeline.make_train_iterator(_config(train_resize="bilinear"), 0, source=digits_train)
