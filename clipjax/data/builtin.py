@@ -114,22 +114,22 @@ SHAPE_COLOURS = {
     "cyan": (40, 200, 210),
 }
 SHAPE_NAMES = ("circle", "square", "triangle", "diamond", "cross", "ring")
-SHAPE_POSITIONS = ("top left", "top", "top right", "left", "center", "right",
-                   "bottom left", "bottom", "bottom right")
+SHAPE_POSITIONS = ("top left", "top middle", "top right", "middle left", "center", "middle right",
+                   "bottom left", "bottom middle", "bottom right")
 SHAPE_SIZES = ("small", "large")
 SHAPE_ATTRIBUTES = ("colour", "shape", "position", "size")
 
 SHAPE_CAPTION_TEMPLATES = (
     "a {size} {colour} {shape} in the {position}",
-    "a {colour} {shape}, {size}, at the {position}",
+    "{a_colour} {shape}, {size}, at the {position}",
     "a picture of a {size} {colour} {shape} in the {position} of the image",
     "{colour} {shape} ({size}) {position}",
     "there is a {size} {colour} {shape} in the {position}",
-    "a drawing of a {colour} {shape} located {position}",
+    "a drawing of {a_colour} {shape} located at the {position}",
     "the {position} of the image has a {size} {colour} {shape}",
     "a simple {size} {colour} {shape} on a dark background, {position}",
     "one {colour} {shape} in the {position}",
-    "a {colour} {shape}",
+    "{a_colour} {shape}",
 )
 _NUM_COMBOS = len(SHAPE_COLOURS) * len(SHAPE_NAMES) * len(SHAPE_POSITIONS) * len(SHAPE_SIZES)
 
@@ -149,7 +149,8 @@ def shape_attributes(index: int) -> dict[str, int]:
 def shape_captions(attrs: dict[str, int]) -> list[str]:
     words = dict(colour=list(SHAPE_COLOURS)[attrs["colour"]], shape=SHAPE_NAMES[attrs["shape"]],
                  position=SHAPE_POSITIONS[attrs["position"]], size=SHAPE_SIZES[attrs["size"]])
-    return [t.format(**words) for t in SHAPE_CAPTION_TEMPLATES]
+    article = "an" if words["colour"][0] in "aeiou" else "a"
+    return [t.format(a_colour=f"{article} {words['colour']}", **words) for t in SHAPE_CAPTION_TEMPLATES]
 
 
 def render_shape(index: int, image_size: int = 64) -> np.ndarray:
@@ -162,9 +163,10 @@ def render_shape(index: int, image_size: int = 64) -> np.ndarray:
     rng = np.random.default_rng([0x5A9E5, int(index)])
     s = float(image_size)
     row, col = divmod(a["position"], 3)
-    radius = (0.11 if a["size"] == 0 else 0.19) * s * rng.uniform(0.9, 1.1)
-    cy = (row + 0.5) * s / 3 + rng.uniform(-0.04, 0.04) * s
-    cx = (col + 0.5) * s / 3 + rng.uniform(-0.04, 0.04) * s
+    # radius + jitter < s / 6 (half a cell): a shape never leaves its cell or the image
+    radius = (0.08 if a["size"] == 0 else 0.14) * s * rng.uniform(0.95, 1.05)
+    cy = (row + 0.5) * s / 3 + rng.uniform(-0.015, 0.015) * s
+    cx = (col + 0.5) * s / 3 + rng.uniform(-0.015, 0.015) * s
     yy, xx = np.mgrid[0:image_size, 0:image_size].astype(np.float32) + 0.5
     dy, dx = (yy - cy) / radius, (xx - cx) / radius
     name = SHAPE_NAMES[a["shape"]]
