@@ -1,8 +1,9 @@
 """OpenAI CLIP's byte-level BPE tokenizer: exact ids, fast batches.
 
-Every id this module returns equals what OpenAI CLIP / open_clip's ``SimpleTokenizer`` returns
-for the same text (tests/clipjax/test_tokenizer.py checks this on thousands of strings). The
-reference pipeline per text is::
+Every id this module returns equals what open_clip's ``SimpleTokenizer`` / ``open_clip.tokenize``
+returns for the same text (tests/clipjax/test_tokenizer.py checks thousands of adversarial
+strings and fuzzes), and so OpenAI CLIP's, except for texts that literally contain a special
+token's spelling (see below). The reference pipeline per text is::
 
     ftfy.fix_text → html.unescape twice → collapse whitespace → lower()
     → regex pre-tokenisation → UTF-8 bytes as printable chars → BPE merges → ids
@@ -33,7 +34,8 @@ Why it is fast without changing a single id:
 
 The special tokens are spelled as in open_clip (``<start_of_text>``, ``<end_of_text>``;
 OpenAI's original spells them ``<|startoftext|>``/``<|endoftext|>``). The ids are the same,
-49406 and 49407; like the reference, the literal spelling inside a text maps to the id.
+49406 and 49407. As in open_clip, the literal spelling inside a text (in any case) becomes
+that id; OpenAI's tokenizer does the same for its own spelling.
 """
 from __future__ import annotations
 
@@ -90,7 +92,7 @@ _FAST_BYTES = bytes(b for b in range(128) if not _NOT_FAST_ASCII.match(chr(b)))
 _NOT_FAST_LUT = np.array([bool(_NOT_FAST_ASCII.match(chr(b))) for b in range(128)])
 
 _MAX_CACHED_CHUNK = 128        # longer chunks are tokenised but not remembered
-_CACHE_LIMIT = 1 << 20         # chunk-cache entries before it starts afresh
+_CACHE_LIMIT = 1 << 20         # entries per cache (chunks, words) before it starts afresh
 
 
 def _byte_alphabet() -> tuple[list[str], dict[int, str]]:
@@ -102,7 +104,8 @@ def _byte_alphabet() -> tuple[list[str], dict[int, str]]:
     """
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
                  *range(ord("®"), ord("ÿ") + 1)]
-    shifted = [b for b in range(256) if b not in set(printable)]
+    self_standing = set(printable)
+    shifted = [b for b in range(256) if b not in self_standing]
     char_of = {b: chr(b) for b in printable}
     char_of.update({b: chr(256 + i) for i, b in enumerate(shifted)})
     return [char_of[b] for b in printable + shifted], char_of
