@@ -42,6 +42,13 @@ def _override_error(e: BaseException, argv) -> str:
             f"config file (overrides can only set existing keys). {hint.group(0) if hint else ''}").rstrip()
 
 
+def _config_file_error(e: OSError, argv) -> str:
+    """config_flags raises OSError when the --config file is missing or fails to load."""
+    path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "?")
+    cause = str(e).strip().splitlines()[-1].strip() if str(e).strip() else type(e).__name__
+    return f"error: --config={path}: cannot load the config file ({cause})"
+
+
 def _parse_flags_or_exit(argv):
     try:
         return flags.FLAGS(argv)
@@ -50,6 +57,9 @@ def _parse_flags_or_exit(argv):
         sys.exit(2)
     except flags.Error as e:
         print(one_line_error(e), file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:
+        print(_config_file_error(e, argv), file=sys.stderr)
         sys.exit(2)
 
 
@@ -60,8 +70,13 @@ def run_main(main: Callable[[object, str], int | None]) -> None:
             raise app.UsageError(f"unexpected arguments: {argv[1:]}")
         try:
             config = _CONFIG.value
+            if config is not None:
+                config.get  # a config file that failed to load raises here (config_flags defers it)
         except (KeyError, AttributeError) as e:
             print(_override_error(e, sys.argv), file=sys.stderr)
+            return 2
+        except OSError as e:
+            print(_config_file_error(e, sys.argv), file=sys.stderr)
             return 2
         except (ValueError, TypeError) as e:
             print(one_line_error(e), file=sys.stderr)

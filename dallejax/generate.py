@@ -34,6 +34,7 @@ import numpy as np
 from absl import flags
 
 from dallejax import sampling
+from dallejax.images import make_grid, save_grid  # noqa: F401  (re-exported)
 from dallejax.transformer import DalleTransformer, model_from_config
 
 __all__ = ["GenerateError", "load_variables", "save_variables", "load_image", "make_grid", "save_grid",
@@ -159,29 +160,6 @@ def load_image(path: str, size: int) -> np.ndarray:
     left, top = (w - size) // 2, (h - size) // 2
     img = img.crop((left, top, left + size, top + size))
     return np.asarray(img, np.float32) / 255.0
-
-
-def make_grid(images: np.ndarray, cols: int = 0, pad: int = 2) -> np.ndarray:
-    """``images: n h w 3`` in [0, 1] -> one uint8 ``H W 3`` grid (white padding)."""
-    images = np.asarray(images)
-    if images.ndim != 4 or images.shape[-1] != 3:
-        raise GenerateError(f"make_grid expects n h w 3 images, got shape {images.shape}")
-    n, h, w, _ = images.shape
-    cols = cols or math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), 255, np.uint8)
-    pixels = np.clip(np.rint(images * 255.0), 0, 255).astype(np.uint8)
-    for i in range(n):
-        r, c = divmod(i, cols)
-        y, x = pad + r * (h + pad), pad + c * (w + pad)
-        grid[y:y + h, x:x + w] = pixels[i]
-    return grid
-
-
-def save_grid(path: str, images: np.ndarray, cols: int = 0) -> None:
-    from PIL import Image
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    Image.fromarray(make_grid(images, cols)).save(path)
 
 
 def pixel_box_to_tokens(box: Sequence[int], image_size: int, grid: int) -> tuple[int, int, int, int]:

@@ -25,5 +25,7 @@ def make_grid(images: np.ndarray, cols: int = 0, pad: int = 2) -> np.ndarray:
 
 
 def save_grid(path: str, images: np.ndarray, cols: int = 0) -> None:
+    import os
     from PIL import Image
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     Image.fromarray(make_grid(images, cols)).save(path)

@@ -85,3 +85,11 @@ def test_cli_trains_with_override(tmp_path):
     assert "done at step 12" in r.stdout
     assert (tmp_path / "checkpoints" / "12").is_dir()
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_cli_missing_config_file_is_one_line():
+    r = subprocess.run([sys.executable, "-m", "clipjax.toy", "--config=configs/does_not_exist.py"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2
+    assert "error: --config=configs/does_not_exist.py: cannot load the config file" in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
