@@ -51,7 +51,7 @@ __all__ = [
     "Conv", "ResBlock", "Encoder", "Decoder", "DVAE",
     "map_pixels", "unmap_pixels", "gumbel_softmax", "kl_to_uniform", "logit_laplace_nll",
     "cosine_schedule", "temperature_schedule", "kl_weight_schedule", "codebook_stats",
-    "default_config", "model_from_config", "dvae_loss", "reconstruction_metrics",
+    "default_config", "model_from_config", "dvae_loss", "reconstruction_metrics", "forward_flops",
 ]
 
 LOGIT_LAPLACE_EPS = 0.1
@@ -504,8 +504,11 @@ def dvae_loss(params, batch, rng: Array, step, config) -> tuple[Array, dict[str,
       scale (nats/dim) is independent of resolution while beta keeps the paper's meaning.
       metrics: ``loss``, ``recon_nll`` (nats/dim), ``kl`` (nats per latent position),
       ``elbo_bpd`` (bits/dim of the beta=1 bound), ``mse`` and ``psnr`` (dB) of
-      ``unmap(sigmoid(mu))`` vs the input, ``temperature``, ``kl_weight``, ``perplexity`` and
+      ``unmap(sigmoid(mu))`` vs the input, ``temperature``, ``beta`` (KL weight), ``perplexity`` and
       ``codebook_usage`` of the argmax codes in the batch.
+
+    ``config`` is static: close over it, e.g.
+    ``jax.jit(lambda p, b, r, s: dvae_loss(p, b, r, s, config))``.
     """
     model = model_from_config(config)
     loss_cfg = _get(config, "loss", None)
@@ -534,10 +537,43 @@ def dvae_loss(params, batch, rng: Array, step, config) -> tuple[Array, dict[str,
         "mse": mse,
         "psnr": -10.0 * jnp.log10(jnp.maximum(mse, 1e-10)),
         "temperature": temperature,
-        "kl_weight": beta,
+        "beta": beta,
         **codebook_stats(jax.lax.stop_gradient(tokens), model.vocab_size),
     }
     return loss, metrics
+
+
+def forward_flops(model: DVAE, image_size: int | None = None) -> dict[str, int]:
+    """Multiply-add FLOPs (2 per MAC) of one image through the encoder and the decoder.
+
+    Counts the convolutions only (elementwise ops are negligible), densely (zero padding
+    included, the usual MFU convention); the decoder's input conv is counted as the dense 1x1
+    conv of a ``vocab``-channel code, as in training.
+    """
+    size = image_size or model.image_size
+    g, nb, h = model.group_count, model.n_blk_per_group, model.n_hid
+
+    def block(side, c_in, c_out, kernels):
+        hid = c_out // 4
+        widths = [(c_in, hid), (hid, hid), (hid, hid), (hid, c_out)]
+        f = sum(2 * side * side * k * k * a * b for (a, b), k in zip(widths, kernels))
+        return f + (2 * side * side * c_in * c_out if c_in != c_out else 0)
+
+    enc, side, c = 2 * size * size * 49 * model.input_channels * h, size, h
+    for i in range(g):
+        for _ in range(nb):
+            enc += block(side, c, h * 2 ** i, (3, 3, 3, 1))
+            c = h * 2 ** i
+        side = side // 2 if i < g - 1 else side
+    enc += 2 * side * side * c * model.vocab_size
+    dec, c = 2 * side * side * model.vocab_size * model.n_init, model.n_init
+    for i in range(g):
+        for _ in range(nb):
+            dec += block(side, c, h * 2 ** (g - 1 - i), (1, 3, 3, 3))
+            c = h * 2 ** (g - 1 - i)
+        side = side * 2 if i < g - 1 else side
+    dec += 2 * side * side * c * 2 * model.input_channels
+    return {"encoder": int(enc), "decoder": int(dec), "total": int(enc + dec)}
 
 
 @functools.partial(jax.jit, static_argnums=0)
