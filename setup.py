@@ -19,6 +19,7 @@ INSTALL_REQUIRES = [
     "numpy>=1.26",
     # What the features need.
     "tokenizers>=0.20",      # fast exact CLIP BPE
+    "regex>=2023.0",         # the reference's \\p{L}/\\p{N} pre-tokenizer pattern
     "ftfy>=6.1",             # CLIP's reference text cleaning
     "pillow>=10",
     "scikit-learn>=1.4",     # built-in digits data, linear probe

@@ -38,6 +38,7 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
         patch_dropout=0.0,      # FLIP: fraction of image patches dropped in training
         init_from="",           # weights to start from (.msgpack / open_clip / OpenAI checkpoint)
         lock_image=False,       # LiT: freeze the image tower (use with init_from)
+        count_flops=True,       # estimate FLOPs/example (XLA cost analysis) for MFU
     ))
     c.update(overrides)
     return c
@@ -137,7 +138,7 @@ def clip_task(config: ml_collections.ConfigDict) -> Task:
     from clipjax.data import pipeline
     return Task(name=f"clip:{mcfg.name}", init=init, loss=loss, data=pipeline.make_data_fn(config),
                 evaluators=make_evaluators(config, model),
-                flops_per_example=estimate_train_flops(model, size, ctx) if config.get("count_flops", True) else 0.0,
+                flops_per_example=estimate_train_flops(model, size, ctx) if mcfg.count_flops else 0.0,
                 frozen=("visual",) if mcfg.lock_image else ())
 
 

@@ -16,6 +16,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 _PARITY_MODULES = ("torch", "open_clip", "dall_e")
 
+# Importing TensorFlow before torchvision crashes the process (segfault) with these wheels; the
+# reverse order works. Tests mix both, so torchvision (when installed) is imported first, here.
+if importlib.util.find_spec("torchvision") is not None:
+    import torchvision  # noqa: F401
+
 
 def _missing_parity():
     return [m for m in _PARITY_MODULES if importlib.util.find_spec(m) is None]

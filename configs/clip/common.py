@@ -24,5 +24,4 @@ def paper_config(name: str, lr: float, image_size: int, total_samples: int = PAP
     c.train.log_every = 100
     c.train.eval_every = 5000
     c.checkpoint.every_steps = 2000
-    c.count_flops = True
     return c
