@@ -269,7 +269,10 @@ def main(argv):
         raise SystemExit(f"unexpected arguments: {argv[1:]}")
     if not FLAGS.src or not FLAGS.dst:
         raise SystemExit("both --src and --dst are required")
-    kind, config, variables = load_openai(FLAGS.src)
+    try:
+        kind, config, variables = load_openai(FLAGS.src)
+    except (OSError, ValueError, torch_pickle.UnsafePickleError) as e:
+        raise SystemExit(f"cannot convert {FLAGS.src}: {e}") from None
     if FLAGS.kind and FLAGS.kind != kind:
         raise SystemExit(f"--kind={FLAGS.kind} but {FLAGS.src} holds a dall_e {kind}")
     save_params(variables, FLAGS.dst, kind, config)
