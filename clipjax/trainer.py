@@ -293,6 +293,9 @@ def train(task: Task, config: ml_collections.ConfigDict, workdir: str,
                     last = {k: v / window_len for k, v in metrics_lib.to_host(window).items()}
                     last.update(throughput.update(step))
                     last["nonfinite_count"] = float(jax.device_get(state.nonfinite_count))
+                    # Bad examples the input pipeline skipped, by reason (never silently lost).
+                    for reason, n in (getattr(data_iter, "skipped", None) or {}).items():
+                        last[f"data_skipped/{reason}"] = float(n)
                     writer.write(step, last, prefix="train/")
                     window = None
                     check_nonfinite()
