@@ -1,0 +1,3 @@
+from clipjax.search.cli import run
+
+run()

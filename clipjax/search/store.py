@@ -1,0 +1,433 @@
+"""The on-disk index and its Python API (format: docs/search.md).
+
+::
+
+    INDEX_DIR/
+      index.json              format, embedding dim and dtype, the model spec, the source
+      chunks/<stamp>.npy      n x d normalised embeddings (float16 or float32), one file per chunk
+      chunks/<stamp>.jsonl    n rows, one JSON object per embedding: id, path, caption, ...
+      bad.jsonl               the items the last ``index`` run could not use (id, path, reason)
+      model.msgpack           the checkpoint's params when built from --config/--workdir
+      approx.usearch/.json    the optional HNSW graph (clipjax.search.approx)
+
+A chunk is complete once its ``.jsonl`` exists (written after the ``.npy``, each by atomic
+rename), so a killed ``index`` run loses at most the rows of its unfinished chunk, and a re-run
+embeds only the items whose id is not in a complete chunk. Row numbers are positions in the
+concatenation of the chunks in name order (``<stamp>`` = nanosecond time + worker).
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import glob
+import json
+import os
+import shutil
+import time
+from typing import Any, Iterator, Optional, Sequence
+
+import numpy as np
+
+from clipjax.search import exact
+from clipjax.search.collection import Collection, Item
+from clipjax.search.encoder import Encoder, SearchError, decode_image_bytes, load_encoder
+
+FORMAT = "clipjax-search-v1"
+_DTYPES = {"float16": np.float16, "float32": np.float32}
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _same_model(a: dict, b: dict) -> bool:
+    """Model specs equal up to the exported weights' location (a workdir spec's 'weights')."""
+    drop = lambda s: {k: v for k, v in s.items() if not (s.get("kind") == "workdir" and k == "weights")}
+    return drop(a) == drop(b)
+
+
+def _bad_name(worker_index: int, num_workers: int) -> str:
+    return "bad.jsonl" if num_workers == 1 else f"bad-w{worker_index:03d}.jsonl"
+
+
+@dataclasses.dataclass
+class SearchResult:
+    """``scores: q k`` cosine similarities (descending), ``ids: q k`` row numbers (-1 = none),
+    ``rows[q][r]`` the row's metadata dict (id, path, caption, ...) plus ``row`` and ``score``."""
+    queries: list
+    scores: np.ndarray
+    ids: np.ndarray
+    rows: list
+
+    def to_json(self) -> list[dict]:
+        return [{"query": q, "results": [dict(r, rank=i + 1) for i, r in enumerate(rows)]}
+                for q, rows in zip(self.queries, self.rows)]
+
+
+@dataclasses.dataclass
+class BuildReport:
+    embedded: int       # items embedded by this run
+    already: int        # items skipped because they were already in the index
+    other_workers: int  # items left to other workers (--num_workers > 1)
+    bad: list           # [{'id', 'path', 'reason', 'detail'}] items that could not be used
+    seconds: float
+
+
+class Index:
+    """An on-disk embedding index. Create with :meth:`build`, reopen with :meth:`open`."""
+
+    def __init__(self, directory: str, meta: dict, encoder: Optional[Encoder] = None):
+        self.directory, self.meta = directory, meta
+        self._encoder = encoder
+        self.chunk_names = sorted(os.path.basename(p)[:-len(".jsonl")]
+                                  for p in glob.glob(os.path.join(directory, "chunks", "*.jsonl")))
+        self._arrays = [np.load(self._chunk_path(c, ".npy"), mmap_mode="r") for c in self.chunk_names]
+        for c, a in zip(self.chunk_names, self._arrays):
+            if a.ndim != 2 or a.shape[1] != self.dim:
+                raise SearchError(f"{self._chunk_path(c, '.npy')} has shape {a.shape}, expected n x {self.dim}; "
+                                  f"the index is damaged: rebuild it with index --overwrite")
+        self._starts = np.concatenate([[0], np.cumsum([len(a) for a in self._arrays])]).astype(np.int64)
+        self._rows_cache: dict[int, list] = {}
+        self.build_report: Optional[BuildReport] = None
+
+    # ---- opening -------------------------------------------------------------------------
+    @classmethod
+    def open(cls, directory: str, encoder: Optional[Encoder] = None) -> "Index":
+        """Opens an index folder. ``encoder`` (from :func:`load_encoder`) is used for text/image
+        queries; by default the model recorded in ``index.json`` is loaded on first use."""
+        meta_path = os.path.join(directory, "index.json")
+        if not os.path.exists(meta_path):
+            raise SearchError(f"{directory!r} is not a search index (no index.json); build one with "
+                              f"python -m clipjax.search index --images=... --out={directory}")
+        with open(meta_path) as f:
+            meta = json.load(f)
+        if meta.get("format") != FORMAT:
+            raise SearchError(f"{meta_path}: format {meta.get('format')!r}, this clipjax reads {FORMAT!r}")
+        return cls(os.path.abspath(directory), meta, encoder)
+
+    def _chunk_path(self, name: str, ext: str) -> str:
+        return os.path.join(self.directory, "chunks", name + ext)
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    @property
+    def dim(self) -> int:
+        return int(self.meta["dim"])
+
+    @property
+    def encoder(self) -> Encoder:
+        if self._encoder is None:
+            self._encoder = load_encoder(spec=self.meta["model"])
+        return self._encoder
+
+    # ---- rows ----------------------------------------------------------------------------
+    def _chunk_rows(self, c: int) -> list:
+        if c not in self._rows_cache:
+            with open(self._chunk_path(self.chunk_names[c], ".jsonl"), encoding="utf-8") as f:
+                rows = [json.loads(line) for line in f if line.strip()]
+            if len(rows) != len(self._arrays[c]):
+                raise SearchError(f"chunk {self.chunk_names[c]}: {len(rows)} rows but {len(self._arrays[c])} "
+                                  f"embeddings; the index is damaged: rebuild it with index --overwrite")
+            self._rows_cache[c] = rows
+        return self._rows_cache[c]
+
+    def row(self, i: int) -> dict:
+        """Metadata of row ``i``: id, path, caption (if any), key/record/attrs (shards)."""
+        if not 0 <= i < len(self):
+            raise IndexError(f"row {i} of an index with {len(self)} rows")
+        c = int(np.searchsorted(self._starts, i, side="right") - 1)
+        return self._chunk_rows(c)[i - int(self._starts[c])]
+
+    def rows(self) -> Iterator[dict]:
+        for c in range(len(self.chunk_names)):
+            yield from self._chunk_rows(c)
+
+    def ids(self) -> list[str]:
+        return [r["id"] for r in self.rows()]
+
+    def embeddings(self, start: int = 0, stop: Optional[int] = None) -> np.ndarray:
+        """Rows ``[start, stop)`` of the embedding matrix as float32 ``n d``."""
+        stop = len(self) if stop is None else min(stop, len(self))
+        parts = []
+        for c, a in enumerate(self._arrays):
+            lo, hi = int(self._starts[c]), int(self._starts[c + 1])
+            if hi > start and lo < stop:
+                parts.append(np.asarray(a[max(start, lo) - lo:min(stop, hi) - lo], np.float32))
+        return np.concatenate(parts) if parts else np.zeros((0, self.dim), np.float32)
+
+    def bad(self) -> list[dict]:
+        """The items the last ``index`` run(s) skipped, with their reason."""
+        out = []
+        for p in sorted(glob.glob(os.path.join(self.directory, "bad*.jsonl"))):
+            with open(p, encoding="utf-8") as f:
+                out += [json.loads(line) for line in f if line.strip()]
+        return out
+
+    # ---- queries -------------------------------------------------------------------------
+    def embed_queries(self, queries: Any = None, *, texts: Any = None, images: Any = None) -> tuple[np.ndarray, list]:
+        """(``q d`` normalised float32 query embeddings, labels) from exactly one kind of query."""
+        given = [x is not None for x in (queries, texts, images)]
+        if sum(given) != 1:
+            raise SearchError("search needs exactly one of: query embeddings, texts=, images=")
+        if texts is not None:
+            texts = [texts] if isinstance(texts, str) else list(texts)
+            return self.encoder.embed_texts(texts), texts
+        if images is not None:
+            single = isinstance(images, (str, os.PathLike)) or (isinstance(images, np.ndarray) and images.ndim == 3)
+            images = [images] if single else list(images)
+            labels = [os.fspath(i) if isinstance(i, (str, os.PathLike)) else f"image[{n}]" for n, i in enumerate(images)]
+            return self.encoder.embed_images(images), labels
+        q = np.asarray(queries, np.float32)
+        q = q[None] if q.ndim == 1 else q
+        if q.ndim != 2 or q.shape[1] != self.dim:
+            raise SearchError(f"query embeddings must be q x {self.dim} (this index's dimension); got {q.shape}")
+        norms = np.linalg.norm(q, axis=1, keepdims=True)
+        if not np.all(np.isfinite(q)) or np.any(norms == 0):
+            raise SearchError("query embeddings must be finite and non-zero")
+        return q / norms, [f"vector[{n}]" for n in range(len(q))]
+
+    def search(self, queries: Any = None, k: int = 10, *, texts: Any = None, images: Any = None,
+               approximate: bool = False, block_rows: int = 65536, expansion_search: Optional[int] = None
+               ) -> SearchResult:
+        """Top-``k`` rows by cosine similarity for query embeddings (``q d`` or ``d``), ``texts``
+        (str or list) or ``images`` (paths, PIL images or ``h w 3`` uint8 arrays).
+
+        Exact by default (jitted, ``block_rows`` rows at a time, so the index need not fit in
+        memory); ``approximate=True`` uses the usearch HNSW graph (built and saved on first use).
+        """
+        if int(k) < 1:
+            raise SearchError(f"k={k}: use k >= 1")
+        if len(self) == 0:
+            raise SearchError(f"the index at {self.directory} is empty; run index first")
+        q, labels = self.embed_queries(queries, texts=texts, images=images)
+        k = min(int(k), len(self))
+        if approximate:
+            from clipjax.search import approx
+            graph, params = self.approximate_index()
+            scores, ids = approx.search(graph, q, k, expansion_search or params.expansion_search)
+        else:
+            scores, ids = exact.topk(q, self._arrays, k, block_rows=block_rows)
+        rows = [[dict(self.row(int(i)), row=int(i), score=float(s)) for s, i in zip(srow, irow) if i >= 0]
+                for srow, irow in zip(scores, ids)]
+        return SearchResult(labels, scores, ids, rows)
+
+    def approximate_index(self, params=None, rebuild: bool = False, progress: bool = False):
+        """(usearch index, HNSWParams): loaded from ``approx.usearch`` if it covers every chunk,
+        else built from the embeddings and saved."""
+        from clipjax.search import approx
+        params = params or approx.HNSWParams()
+        path, meta_path = (os.path.join(self.directory, n) for n in ("approx.usearch", "approx.json"))
+        if not rebuild and os.path.exists(meta_path) and os.path.exists(path):
+            with open(meta_path) as f:
+                meta = json.load(f)
+            if meta.get("chunks") == self.chunk_names:
+                return approx.load(path), approx.HNSWParams(**meta["params"])
+        graph = approx.build(self._arrays, self.dim, _DTYPES[self.meta["dtype"]], params, progress)
+        graph.save(path + ".tmp")
+        os.replace(path + ".tmp", path)
+        _atomic_write(meta_path, json.dumps({"chunks": self.chunk_names, "rows": len(self),
+                                             "params": dataclasses.asdict(params)}).encode())
+        return graph, params
+
+    def dedup(self, threshold: float = 0.95, block_rows: int = 4096) -> tuple[np.ndarray, list]:
+        """Near-duplicates: ``pairs`` (``m x 3``: row i < row j, cosine >= threshold; descending)
+        and ``groups`` (connected components of those pairs, largest first). Exact, in
+        ``block_rows`` blocks: two blocks in memory at a time."""
+        if not -1.0 <= threshold <= 1.0:
+            raise SearchError(f"threshold={threshold}: a cosine similarity in [-1, 1] (e.g. 0.95)")
+        n = len(self)
+        nb = -(-n // block_rows)
+
+        def load(b):
+            blk = np.zeros((block_rows, self.dim), np.float32)
+            part = self.embeddings(b * block_rows, (b + 1) * block_rows)
+            blk[:len(part)] = part
+            return blk, len(part), b * block_rows
+        pairs = exact.duplicate_pairs(None, threshold, load_block=load, num_blocks=nb)
+        return pairs, exact.group_pairs(pairs, n)
+
+    # ---- building ------------------------------------------------------------------------
+    @classmethod
+    def build(cls, images: str, out: str, *, encoder: Optional[Encoder] = None, model: Optional[str] = None,
+              weights: Optional[str] = None, config=None, workdir: Optional[str] = None,
+              step: Optional[int] = None, batch_size: int = 64, chunk_rows: int = 4096,
+              dtype: str = "float16", num_threads: int = 8, worker_index: int = 0, num_workers: int = 1,
+              overwrite: bool = False, progress: bool = True) -> "Index":
+        """Embeds the images of ``images`` (folder, manifest or shards) into the index ``out``.
+
+        Resumable: items whose id is already in ``out`` are skipped, so re-running after adding
+        files embeds only the new ones. Unusable items (corrupt, empty, missing, too large) are
+        skipped and listed in ``out/bad.jsonl`` (and ``index.build_report.bad``). With
+        ``num_workers`` > 1, worker ``worker_index`` embeds the items whose id hashes to it (run one
+        per host/process on the same ``out``; each writes its own chunks).
+        """
+        if dtype not in _DTYPES:
+            raise SearchError(f"dtype={dtype!r}: use float16 or float32")
+        if not 0 <= worker_index < num_workers:
+            raise SearchError(f"worker_index={worker_index} must be in [0, num_workers={num_workers})")
+        if batch_size < 1 or chunk_rows < 1:
+            raise SearchError("batch_size and chunk_rows must be >= 1")
+        t0 = time.time()
+        collection = Collection(images)
+        if encoder is None:
+            encoder = load_encoder(model=model, weights=weights, config=config, workdir=workdir, step=step)
+        meta = cls._prepare_dir(out, encoder, collection, dtype, overwrite)
+        index = cls(os.path.abspath(out), meta, encoder)
+        done = set(index.ids())
+        mine = [it for it in collection.items if num_workers == 1 or it.worker(num_workers) == worker_index]
+        todo = [it for it in mine if it.id not in done]
+        report = BuildReport(embedded=0, already=len(mine) - len(todo),
+                             other_workers=len(collection.items) - len(mine), bad=[], seconds=0.0)
+        writer = _ChunkWriter(index.directory, _DTYPES[dtype], chunk_rows, worker_index)
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=len(todo), unit="img", desc="embedding", dynamic_ncols=True)
+        try:
+            for items, arrays in _load_batches(collection, todo, encoder, batch_size, num_threads, report.bad, bar):
+                if items:
+                    writer.add(items, encoder.embed_preprocessed(np.stack(arrays), batch_size))
+                    report.embedded += len(items)
+        finally:
+            writer.flush()  # keep whatever was embedded, even when interrupted
+            if bar is not None:
+                bar.close()
+            lines = "".join(json.dumps(b, ensure_ascii=False) + "\n" for b in report.bad)
+            _atomic_write(os.path.join(index.directory, _bad_name(worker_index, num_workers)), lines.encode())
+        report.seconds = time.time() - t0
+        index = cls.open(out, encoder)
+        index.build_report = report
+        return index
+
+    @classmethod
+    def _prepare_dir(cls, out: str, encoder: Encoder, collection: Collection, dtype: str, overwrite: bool) -> dict:
+        meta_path = os.path.join(out, "index.json")
+        if overwrite and os.path.exists(out):
+            if not os.path.exists(meta_path) and os.listdir(out):
+                raise SearchError(f"--out {out!r} is a non-empty folder that is not a search index; "
+                                  f"refusing to overwrite it: choose another --out")
+            for name in ("chunks", "approx.usearch", "approx.json", "index.json"):
+                p = os.path.join(out, name)
+                shutil.rmtree(p) if os.path.isdir(p) else (os.remove(p) if os.path.exists(p) else None)
+            for p in glob.glob(os.path.join(out, "bad*.jsonl")):
+                os.remove(p)
+        spec = dict(encoder.spec)
+        source = {"path": collection.path, "kind": collection.kind}
+        if os.path.exists(meta_path):
+            with open(meta_path) as f:
+                meta = json.load(f)
+            problems = []
+            if meta.get("format") != FORMAT:
+                problems.append(f"format {meta.get('format')!r} (expected {FORMAT!r})")
+            if not _same_model(meta.get("model", {}), spec):
+                problems.append(f"model {meta.get('model')} (this run: {spec})")
+            if meta.get("source") != source:
+                problems.append(f"source {meta.get('source')} (this run: {source})")
+            if meta.get("dtype") != dtype:
+                problems.append(f"dtype {meta.get('dtype')} (this run: {dtype})")
+            if problems:
+                raise SearchError(f"{out!r} already holds an index built with a different " + "; ".join(problems)
+                                  + ". Pass the same options to add to it, --overwrite to rebuild it, "
+                                    "or a new --out")
+            return meta
+        os.makedirs(os.path.join(out, "chunks"), exist_ok=True)
+        if spec["kind"] == "workdir":  # make the index self-contained: keep the exported params
+            dst = os.path.join(os.path.abspath(out), "model.msgpack")
+            shutil.move(spec["weights"], dst)
+            spec["weights"] = encoder.spec["weights"] = dst
+        meta = {"format": FORMAT, "dim": encoder.dim, "dtype": dtype, "model": spec,
+                "image_size": encoder.image_size, "source": source,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        _atomic_write(meta_path, (json.dumps(meta, indent=2) + "\n").encode())
+        return meta
+
+
+class _ChunkWriter:
+    """Buffers embeddings + rows and writes them as chunk files of ``chunk_rows`` rows."""
+
+    def __init__(self, directory: str, dtype, chunk_rows: int, worker_index: int):
+        self.dir = os.path.join(directory, "chunks")
+        self.dtype, self.chunk_rows, self.worker = dtype, chunk_rows, worker_index
+        self.rows: list[dict] = []
+        self.embs: list[np.ndarray] = []
+        # a previous run of this worker killed mid-chunk leaves an .npy without .jsonl
+        for p in glob.glob(os.path.join(self.dir, f"*-w{worker_index:03d}.npy")):
+            if not os.path.exists(p[:-4] + ".jsonl"):
+                os.remove(p)
+
+    def add(self, items: Sequence[Item], embs: np.ndarray) -> None:
+        for it in items:
+            row = {"id": it.id, "path": it.path}
+            for key in ("caption", "key", "attrs"):
+                if getattr(it, key) is not None:
+                    row[key] = getattr(it, key)
+            if it.record >= 0:
+                row["record"] = it.record
+            self.rows.append(row)
+        self.embs.append(np.asarray(embs, self.dtype))
+        if len(self.rows) >= self.chunk_rows:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.rows:
+            return
+        name = f"{time.time_ns():020d}-w{self.worker:03d}"
+        base = os.path.join(self.dir, name)
+        emb = np.concatenate(self.embs)
+        tmp = f"{base}.npy.tmp"
+        with open(tmp, "wb") as f:
+            np.save(f, emb)
+        os.replace(tmp, base + ".npy")
+        lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in self.rows)
+        _atomic_write(base + ".jsonl", lines.encode("utf-8", "surrogateescape"))
+        self.rows, self.embs = [], []
+
+
+def _load_batches(collection: Collection, todo: list, encoder: Encoder, batch_size: int, num_threads: int,
+                  bad: list, bar) -> Iterator[tuple[list, list]]:
+    """Reads, validates (the shards CLI's checks) and preprocesses items on a thread pool; yields
+    (items, preprocessed arrays) batches of ``batch_size`` good items; bad ones go to ``bad``."""
+    from clipjax.data.sources import SkipExample
+
+    def load(item: Item):
+        try:
+            data, item = collection.read(item)
+            return item, encoder.preprocess(decode_image_bytes(data)), None
+        except SkipExample as e:
+            return item, None, {"id": item.id, "path": item.path, "reason": e.reason, "detail": e.detail}
+
+    items, arrays = [], []
+    ahead = max(batch_size * 2, 32)  # items in flight: decoding overlaps embedding
+    pending: collections.deque = collections.deque()
+    it = iter(todo)
+    with concurrent.futures.ThreadPoolExecutor(max(1, num_threads)) as pool:
+        while True:
+            while len(pending) < ahead:
+                nxt = next(it, None)
+                if nxt is None:
+                    break
+                pending.append(pool.submit(load, nxt))
+            if not pending:
+                break
+            item, arr, err = pending.popleft().result()
+            if err is not None:
+                bad.append(err)
+            else:
+                items.append(item)
+                arrays.append(arr)
+            if bar is not None:
+                bar.update(1)
+                if err is not None:
+                    bar.set_postfix(bad=len(bad), refresh=False)
+            if len(items) == batch_size:
+                yield items, arrays
+                items, arrays = [], []
+    if items:
+        yield items, arrays
