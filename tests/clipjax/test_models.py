@@ -209,6 +209,11 @@ REGISTRY_NAMES = ["RN50", "RN101", "RN50x4", "RN50x16", "RN50x64", "ViT-B-32", "
                   "ViT-L-14-336"]
 
 
+def _init_key(seed=0):
+    """rbg keys compile a whole-model init ~3x faster than threefry on CPU."""
+    return jax.random.key(seed, impl="rbg")
+
+
 def _clip_inputs(model, batch=2, seed=0, length=None):
     cfg = model.config
     rng = np.random.RandomState(seed)
@@ -227,7 +232,7 @@ def _clip_inputs(model, batch=2, seed=0, length=None):
 def tiny_clip(request):
     model = create_model(request.param)
     images, tokens = _clip_inputs(model)
-    boxed = jax.jit(model.init)(jax.random.PRNGKey(0), images, tokens)
+    boxed = jax.jit(model.init)(_init_key(), images, tokens)
     variables = nn.meta.unbox(boxed)
     apply = jax.jit(model.apply, static_argnames=("train",))
     return request.param, model, boxed, variables, apply
@@ -379,7 +384,7 @@ def test_patch_dropout():
 
     model = create_model("tiny-vit", vision_patch_dropout=0.5)
     images, tokens = _clip_inputs(model)
-    v = nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), images, tokens))
+    v = nn.meta.unbox(jax.jit(model.init)(_init_key(), images, tokens))
     enc = jax.jit(lambda v, x, r: model.apply(v, x, train=True, rngs={"dropout": r}, method=CLIP.encode_image))
     a, b = enc(v, images, jax.random.PRNGKey(1)), enc(v, images, jax.random.PRNGKey(2))
     assert np.abs(np.asarray(a - b)).max() > 1e-4  # random subsets
@@ -393,7 +398,7 @@ def test_patch_dropout():
 def test_logit_bias_config():
     model = create_model("tiny-vit", init_logit_bias=-10.0, init_logit_scale=float(np.log(10.0)))
     images, tokens = _clip_inputs(model)
-    v = jax.jit(model.init)(jax.random.PRNGKey(0), images, tokens)
+    v = jax.jit(model.init)(_init_key(), images, tokens)
     out = jax.jit(model.apply)(v, images, tokens)
     np.testing.assert_allclose(out["logit_bias"], -10.0)
     np.testing.assert_allclose(out["logit_scale"], 10.0, rtol=1e-5)
