@@ -96,6 +96,9 @@ def _init_source(config) -> str:
 def clip_model_config(config) -> ml_collections.ConfigDict:
     """The ``model`` section describing the CLIP architecture being fine-tuned."""
     if _init_source(config) == "weights":
+        if not config.model.get("name", ""):
+            raise ConfigError(f"config.model.init_from={config.model.init_from!r} needs config.model.name, the "
+                              f"registry architecture of those weights (e.g. --config.model.name=ViT-B-32)")
         return config.model
     run_cfg = load_config_file(config.init.config)
     name = config.model.get("name", "")
