@@ -31,7 +31,8 @@ SCRIPT = textwrap.dedent("""
     def dvae_cfg():
         from configs.dvae import digits
         c = digits.get_config()
-        c.model.update(dict(n_hid=16, n_init=16, vocab_size=64))
+        # Small graph (fast compile); every conv width a multiple of 8 so fsdp=8 can split it.
+        c.model.update(dict(group_count=2, n_blk_per_group=1, n_hid=32, n_init=32, vocab_size=64))
         c.train.eval_every = 0
         c.task = "dallejax.train_dvae:dvae_task"
         return c
