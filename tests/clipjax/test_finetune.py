@@ -96,6 +96,26 @@ def test_frozen_tower_only_moves_head(clip_run):
     assert np.abs(after["head"]["kernel"] - init["head"]["kernel"]).max() > 0
 
 
+def test_init_from_weights_file_matches_workdir(clip_run, finetuned, tmp_path):
+    import jax
+    from clipjax import convert
+    workdir, result = clip_run
+    c = _ft_config(workdir)
+    model = finetune.load_clip(c)[0]
+    path = str(tmp_path / "clip.msgpack")
+    convert.save_clipjax(path, {"params": jax.device_get(result.state.params)}, model.config, "tiny-vit")
+    c.init.workdir = ""
+    c.model.name, c.model.init_from = "tiny-vit", path
+    task = finetune.finetune_task(c)
+    import flax.linen as nn
+    variables = dict(nn.unbox(task.init(jax.random.key(0))))
+    params = variables.pop("params")
+    assert task.evaluators["accuracy"](params, variables, 0)["top1"] == pytest.approx(finetuned[0]["top1"], abs=1e-9)
+    c.model.name = ""
+    with pytest.raises(ConfigError, match=r"needs config\.model\.name"):
+        finetune.finetune_task(c)
+
+
 def test_no_init_source_is_config_error():
     c = finetune_digits.get_config()
     c.init.workdir = ""
