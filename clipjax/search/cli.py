@@ -53,9 +53,12 @@ _USAGE = ("usage: python -m clipjax.search index --images=... --out=IDX (--weigh
 
 
 def _model_kwargs():
+    from ml_collections import config_flags
     config = cli._CONFIG.value
+    config_file = config_flags.get_config_filename(FLAGS["config"]) if config is not None else None
     return dict(model=FLAGS.model or None, weights=FLAGS.weights or None, config=config,
-                workdir=FLAGS.workdir or None, step=None if FLAGS.step < 0 else FLAGS.step)
+                workdir=FLAGS.workdir or None, step=None if FLAGS.step < 0 else FLAGS.step,
+                config_file=config_file)
 
 
 def _emit(text: str) -> None:
@@ -127,7 +130,9 @@ def cmd_dedup(args) -> int:
 
 
 def _main(argv) -> int:
+    from absl import logging as absl_logging
     from clipjax.search.approx import ApproximateUnavailable
+    absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every checkpoint read at INFO
     from clipjax.search.encoder import SearchError
     if len(argv) < 2 or argv[1] not in COMMANDS:
         raise app.UsageError(f"first argument: one of {', '.join(COMMANDS)}\n{_USAGE}")

@@ -101,10 +101,15 @@ class Collection:
         """Encoded bytes of ``item`` (shards: also fills caption/key from the record).
 
         Raises ``SkipExample`` ('missing_file', 'unreadable_file', 'empty_file', ...)."""
-        from clipjax.data.sources import SkipExample, parse_tf_example
+        from clipjax.data.sources import DataError, SkipExample, parse_tf_example
         if self.shards is not None:
-            image, caps, key, _, attrs = parse_tf_example(
-                self.shards.read_record(self._start[item.path] + item.record))
+            try:
+                image, caps, key, _, attrs = parse_tf_example(
+                    self.shards.read_record(self._start[item.path] + item.record))
+            except (DataError, OSError) as e:
+                raise SkipExample("corrupt_record", str(e)) from None
+            except Exception as e:  # protobuf DecodeError: a damaged record payload
+                raise SkipExample("corrupt_record", f"{type(e).__name__}: {e}") from None
             caption = next((c for c in caps if c.strip()), None)
             item = dataclasses.replace(item, caption=caption, key=key or None, attrs=attrs or None)
             return image, item

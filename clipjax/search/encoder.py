@@ -6,9 +6,9 @@ that ``query`` can reload the exact model that built the index::
 
     {"kind": "weights", "name": "ViT-B-32" | null, "weights": "/abs/file.pt" | null, "seed": 0}
     {"kind": "workdir", "config": "/abs/config.py", "workdir": "/abs/run", "step": 600,
-     "weights": "INDEX_DIR/model.msgpack"}     # the checkpoint's params, exported once
+     "name": "tiny-vit", "weights": "INDEX_DIR/model.msgpack"}  # the checkpoint's params
 
-A ``workdir`` checkpoint is exported to the index folder as a clipjax ``.msgpack`` (small for the
+A ``workdir`` checkpoint is saved into the index folder as a clipjax ``.msgpack`` (small for the
 models one trains here; it makes the index self-contained: a later ``query`` needs no config).
 """
 from __future__ import annotations
@@ -79,6 +79,11 @@ class Encoder:
             out.append(np.asarray(fn(self._placed, chunk))[:bs - pad])
         return np.concatenate(out)
 
+    def save_model(self, path: str) -> None:
+        """Writes the model as a clipjax ``.msgpack`` (loadable with ``clipjax.api.load(None, path)``)."""
+        from clipjax import convert
+        convert.save_clipjax(path, self.variables, self.model.config, model_name=self.spec.get("name") or "")
+
     def embed_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
         """``texts`` -> ``n e`` L2-normalised float32."""
         from clipjax.evals.embed import embed_texts
@@ -123,17 +128,21 @@ def decode_image_bytes(data: bytes):
 
 def load_encoder(*, model: Optional[str] = None, weights: Optional[str] = None, config=None,
                  workdir: Optional[str] = None, step: Optional[int] = None,
-                 spec: Optional[dict] = None) -> Encoder:
+                 spec: Optional[dict] = None, config_file: Optional[str] = None) -> Encoder:
     """Loads the model an index is built or queried with.
 
     Either ``model``/``weights`` (a registry name and/or a weights file: clipjax ``.msgpack``,
     open_clip/OpenAI ``.pt``/``.bin``/``.safetensors``; a name alone = random init, for tests), or
-    ``config`` (a config file path or ConfigDict) + ``workdir`` (+ ``step``, default latest) of a
-    ``clipjax.train`` run, whose params are exported to a temporary clipjax ``.msgpack`` (the index
-    builder moves it into the index folder); or a ``spec`` stored in an index.
+    ``config`` (a config file path or ConfigDict; ``config_file`` names the file for the record)
+    + ``workdir`` (+ ``step``, default latest) of a ``clipjax.train`` run (the index builder saves
+    its params into the index folder); or a ``spec`` stored in an index.
     """
     from clipjax import api
     if spec is not None:
+        if spec.get("kind") == "none":
+            raise SearchError("this index holds precomputed embeddings with no model recorded: query it with "
+                              "embeddings, or pass the model (Index.open(dir, encoder=load_encoder(...)) / "
+                              "--weights, --model or --config/--workdir)")
         if spec.get("kind") not in ("weights", "workdir"):
             raise SearchError(f"index.json has an unknown model spec {spec!r}; rebuild the index")
         w = spec.get("weights")
@@ -149,7 +158,7 @@ def load_encoder(*, model: Optional[str] = None, weights: Optional[str] = None, 
             raise SearchError("a training run needs both --config (the run's config file) and --workdir")
         if model or weights:
             raise SearchError("pass either --config/--workdir or --model/--weights, not both")
-        return _from_workdir(config, workdir, step)
+        return _from_workdir(config, workdir, step, config_file)
     if not model and not weights:
         raise SearchError("no model: pass --weights FILE (and --model NAME for .pt/.bin files), "
                           "or --config CONFIG.py --workdir RUN_DIR to use a training checkpoint")
@@ -163,11 +172,11 @@ def load_encoder(*, model: Optional[str] = None, weights: Optional[str] = None, 
     return Encoder(m, v, pre, tok, {"kind": "weights", "name": model or None, "weights": wpath, "seed": 0})
 
 
-def _from_workdir(config, workdir: str, step: Optional[int]) -> Encoder:
+def _from_workdir(config, workdir: str, step: Optional[int], config_file: Optional[str]) -> Encoder:
     import ml_collections
     from clipjax import api, convert, trainer
     from clipjax.train import build_model
-    config_file = None
+    config_file = os.path.abspath(config_file) if config_file else None
     if isinstance(config, (str, os.PathLike)):
         config_file = os.path.abspath(os.fspath(config))
         config = _load_config_file(config_file)
@@ -181,12 +190,15 @@ def _from_workdir(config, workdir: str, step: Optional[int]) -> Encoder:
     model = build_model(config.model)
     variables = {"params": state.eval_params(), **(state.model_state or {})}
     variables = jax.tree_util.tree_map(np.asarray, jax.device_get(variables))
+    # Round-trip through the clipjax file format, so the model that builds an index is exactly
+    # the one a later query loads from INDEX_DIR/model.msgpack (unscanned, float32).
     import tempfile
-    path = os.path.join(tempfile.mkdtemp(prefix="clipjax_search_"), "model.msgpack")
-    convert.save_clipjax(path, variables, model.config, model_name=config.model.name)
-    m, v, pre, tok = api.load(None, path)
+    with tempfile.TemporaryDirectory(prefix="clipjax_search_") as tmp:
+        path = os.path.join(tmp, "model.msgpack")
+        convert.save_clipjax(path, variables, model.config, model_name=config.model.name)
+        m, v, pre, tok = api.load(None, path)
     spec = {"kind": "workdir", "config": config_file, "workdir": os.path.abspath(workdir), "step": step,
-            "name": config.model.name, "weights": path}
+            "name": config.model.name, "weights": None}  # set when an index stores the model
     return Encoder(m, v, pre, tok, spec)
 
 

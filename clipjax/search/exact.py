@@ -18,8 +18,16 @@ NEG_INF = float("-inf")
 
 
 def _query_bucket(q: int) -> int:
-    """Queries are padded to a power of two (>= 8) so a few shapes cover every batch size."""
-    return max(8, 1 << (max(q, 1) - 1).bit_length())
+    """Queries are padded to a power of two so a few shapes cover every batch size (a single
+    query stays a matrix-vector product: padding it would multiply the work)."""
+    return 1 << (max(q, 1) - 1).bit_length()
+
+
+def even_block_rows(n: int, block_rows: int, multiple: int = 1024) -> int:
+    """The block size <= ``block_rows`` (rounded up to ``multiple``) that splits ``n`` rows into
+    the fewest, nearly equal blocks, so the last block is not mostly padding."""
+    blocks = max(1, -(-n // block_rows))
+    return -(-(-(-n // blocks)) // multiple) * multiple
 
 
 @functools.partial(jax.jit, static_argnames=("k",), donate_argnums=(4, 5))
@@ -44,14 +52,16 @@ def _topk_update(queries, block, valid, offset, best_scores, best_ids, *, k: int
     return new_s, jnp.take_along_axis(all_i, pos, axis=1)
 
 
-def iter_blocks(arrays: Iterable[np.ndarray], block_rows: int) -> Iterator[tuple[np.ndarray, int, int]]:
+def iter_blocks(arrays: Iterable[np.ndarray], block_rows: int, dtype=None
+                ) -> Iterator[tuple[np.ndarray, int, int]]:
     """Regroups row arrays (e.g. memory-mapped chunk files) into ``(block, valid, offset)`` with
-    ``block: block_rows d`` zero-padded after ``valid`` rows, and ``offset`` the global id of row 0."""
+    ``block: block_rows d`` zero-padded after ``valid`` rows, and ``offset`` the global id of row 0.
+    ``dtype``: convert while copying (default: keep the arrays' dtype)."""
     buf: Optional[np.ndarray] = None
     filled, offset = 0, 0
     for arr in arrays:
         if buf is None:
-            buf = np.zeros((block_rows, arr.shape[1]), arr.dtype)
+            buf = np.zeros((block_rows, arr.shape[1]), dtype or arr.dtype)
         pos = 0
         while pos < len(arr):
             take = min(block_rows - filled, len(arr) - pos)
@@ -75,6 +85,11 @@ def topk(queries: np.ndarray, arrays: Iterable[np.ndarray], k: int, block_rows: 
     Returns ``scores: q k`` float32 (descending) and ``ids: q k`` int64 global row numbers; when
     fewer than k rows exist the tail is ``-inf`` / ``-1``.
     """
+    return topk_blocks(queries, iter_blocks(arrays, block_rows), k)
+
+
+def topk_blocks(queries: np.ndarray, blocks: Iterable[tuple], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`topk` over ``(block, valid, offset)`` triples (numpy or device-resident blocks)."""
     queries = np.asarray(queries, np.float32)
     q = len(queries)
     qb = _query_bucket(q)
@@ -83,7 +98,7 @@ def topk(queries: np.ndarray, arrays: Iterable[np.ndarray], k: int, block_rows: 
     qd = jnp.asarray(padded)
     best_s = jnp.full((qb, k), NEG_INF, jnp.float32)
     best_i = jnp.full((qb, k), -1, jnp.int32)
-    for block, valid, offset in iter_blocks(arrays, block_rows):
+    for block, valid, offset in blocks:
         if block.shape[1] != queries.shape[1]:
             raise ValueError(f"queries have dimension {queries.shape[1]} but the index rows have "
                              f"{block.shape[1]}; embed the queries with the index's model")

@@ -23,6 +23,7 @@ import dataclasses
 import glob
 import json
 import os
+import re
 import shutil
 import time
 from typing import Any, Iterator, Optional, Sequence
@@ -47,8 +48,9 @@ def _atomic_write(path: str, data: bytes) -> None:
 
 
 def _same_model(a: dict, b: dict) -> bool:
-    """Model specs equal up to the exported weights' location (a workdir spec's 'weights')."""
-    drop = lambda s: {k: v for k, v in s.items() if not (s.get("kind") == "workdir" and k == "weights")}
+    """Model specs equal; a training run's checkpoint is identified by (workdir, step, name) —
+    where its config file lives and where its params were saved do not matter."""
+    drop = lambda s: {k: v for k, v in s.items() if not (s.get("kind") == "workdir" and k in ("weights", "config"))}
     return drop(a) == drop(b)
 
 
@@ -94,6 +96,9 @@ class Index:
                                   f"the index is damaged: rebuild it with index --overwrite")
         self._starts = np.concatenate([[0], np.cumsum([len(a) for a in self._arrays])]).astype(np.int64)
         self._rows_cache: dict[int, list] = {}
+        self._device_blocks = None
+        self._graph = None
+        self.cache_bytes = 1 << 30  # exact search keeps indexes up to 1 GiB on the device
         self.build_report: Optional[BuildReport] = None
 
     # ---- opening -------------------------------------------------------------------------
@@ -213,16 +218,38 @@ class Index:
             graph, params = self.approximate_index()
             scores, ids = approx.search(graph, q, k, expansion_search or params.expansion_search)
         else:
-            scores, ids = exact.topk(q, self._arrays, k, block_rows=block_rows)
+            scores, ids = exact.topk_blocks(q, self._blocks(block_rows), k)
         rows = [[dict(self.row(int(i)), row=int(i), score=float(s)) for s, i in zip(srow, irow) if i >= 0]
                 for srow, irow in zip(scores, ids)]
         return SearchResult(labels, scores, ids, rows)
+
+    def _blocks(self, block_rows: int):
+        """The embeddings as (block, valid, offset): kept on the device after the first search
+        when they take at most ``cache_bytes`` (then no disk read or copy per query), else read
+        from the memory-mapped chunk files block by block. On CPU, float16 rows are widened to
+        float32 once (XLA:CPU converts float16 slowly, so converting per query would dominate)."""
+        import jax
+        block_rows = exact.even_block_rows(len(self), block_rows)
+        widen = np.float32 if jax.default_backend() == "cpu" else None
+        itemsize = np.dtype(widen or _DTYPES[self.meta["dtype"]]).itemsize
+        if len(self) * self.dim * itemsize > self.cache_bytes:
+            return exact.iter_blocks(self._arrays, block_rows, widen)
+        if self._device_blocks is None or self._device_blocks[0] != block_rows:
+            self._device_blocks = (block_rows, [(jax.device_put(b), v, o)
+                                                for b, v, o in exact.iter_blocks(self._arrays, block_rows, widen)])
+        return self._device_blocks[1]
 
     def approximate_index(self, params=None, rebuild: bool = False, progress: bool = False):
         """(usearch index, HNSWParams): loaded from ``approx.usearch`` if it covers every chunk,
         else built from the embeddings and saved."""
         from clipjax.search import approx
-        params = params or approx.HNSWParams()
+        if not rebuild and params is None and self._graph is not None:
+            return self._graph
+        self._graph = self._load_or_build_graph(params or approx.HNSWParams(), rebuild, progress)
+        return self._graph
+
+    def _load_or_build_graph(self, params, rebuild: bool, progress: bool):
+        from clipjax.search import approx
         path, meta_path = (os.path.join(self.directory, n) for n in ("approx.usearch", "approx.json"))
         if not rebuild and os.path.exists(meta_path) and os.path.exists(path):
             with open(meta_path) as f:
@@ -259,7 +286,7 @@ class Index:
               weights: Optional[str] = None, config=None, workdir: Optional[str] = None,
               step: Optional[int] = None, batch_size: int = 64, chunk_rows: int = 4096,
               dtype: str = "float16", num_threads: int = 8, worker_index: int = 0, num_workers: int = 1,
-              overwrite: bool = False, progress: bool = True) -> "Index":
+              overwrite: bool = False, progress: bool = True, config_file: Optional[str] = None) -> "Index":
         """Embeds the images of ``images`` (folder, manifest or shards) into the index ``out``.
 
         Resumable: items whose id is already in ``out`` are skipped, so re-running after adding
@@ -277,7 +304,8 @@ class Index:
         t0 = time.time()
         collection = Collection(images)
         if encoder is None:
-            encoder = load_encoder(model=model, weights=weights, config=config, workdir=workdir, step=step)
+            encoder = load_encoder(model=model, weights=weights, config=config, workdir=workdir, step=step,
+                                   config_file=config_file)
         meta = cls._prepare_dir(out, encoder, collection, dtype, overwrite)
         index = cls(os.path.abspath(out), meta, encoder)
         done = set(index.ids())
@@ -307,14 +335,47 @@ class Index:
         return index
 
     @classmethod
+    def from_embeddings(cls, out: str, embeddings: np.ndarray, rows: Optional[Sequence[dict]] = None, *,
+                        dtype: str = "float16", chunk_rows: int = 65536, model: Optional[dict] = None) -> "Index":
+        """An index over precomputed embeddings (``n d``; normalised here). ``rows`` are their
+        metadata dicts (each with a unique 'id'; default ``{'id': str(i)}``); ``model`` the spec of
+        the model that made them (needed only for text/image queries)."""
+        emb = np.asarray(embeddings, np.float32)
+        if emb.ndim != 2 or not len(emb):
+            raise SearchError(f"embeddings must be a non-empty n x d array; got shape {emb.shape}")
+        if dtype not in _DTYPES:
+            raise SearchError(f"dtype={dtype!r}: use float16 or float32")
+        if os.path.exists(os.path.join(out, "index.json")):
+            raise SearchError(f"{out!r} already holds an index; choose a new folder")
+        rows = [{"id": str(i)} for i in range(len(emb))] if rows is None else [dict(r) for r in rows]
+        if len(rows) != len(emb) or len({r.get("id") for r in rows}) != len(rows) or any("id" not in r for r in rows):
+            raise SearchError("rows must be one dict per embedding, each with a unique 'id'")
+        emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+        os.makedirs(os.path.join(out, "chunks"), exist_ok=True)
+        meta = {"format": FORMAT, "dim": int(emb.shape[1]), "dtype": dtype, "model": model or {"kind": "none"},
+                "source": {"path": None, "kind": "embeddings"}, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        _atomic_write(os.path.join(out, "index.json"), (json.dumps(meta, indent=2) + "\n").encode())
+        writer = _ChunkWriter(os.path.abspath(out), _DTYPES[dtype], chunk_rows, 0)
+        for s in range(0, len(emb), chunk_rows):
+            writer.rows = rows[s:s + chunk_rows]
+            writer.embs = [emb[s:s + chunk_rows].astype(_DTYPES[dtype])]
+            writer.flush()
+        return cls.open(out)
+
+    @classmethod
     def _prepare_dir(cls, out: str, encoder: Encoder, collection: Collection, dtype: str, overwrite: bool) -> dict:
         meta_path = os.path.join(out, "index.json")
+        ours = lambda n: n in ("chunks", "model.msgpack") or n.startswith("index.json.tmp")  # another worker's
+        if os.path.isdir(out) and not os.path.exists(meta_path) and not all(map(ours, os.listdir(out))):
+            raise SearchError(f"--out {out!r} is a non-empty folder that is not a search index (no "
+                              f"index.json); choose a new or empty folder")
+        if os.path.exists(out) and not os.path.isdir(out):
+            raise SearchError(f"--out {out!r} is a file; choose a folder")
         if overwrite and os.path.exists(out):
-            if not os.path.exists(meta_path) and os.listdir(out):
-                raise SearchError(f"--out {out!r} is a non-empty folder that is not a search index; "
-                                  f"refusing to overwrite it: choose another --out")
-            for name in ("chunks", "approx.usearch", "approx.json", "index.json"):
+            for name in ("chunks", "approx.usearch", "approx.json", "index.json", "model.msgpack"):
                 p = os.path.join(out, name)
+                if os.path.abspath(p) == encoder.spec.get("weights"):
+                    continue  # the model we are about to use lives there
                 shutil.rmtree(p) if os.path.isdir(p) else (os.remove(p) if os.path.exists(p) else None)
             for p in glob.glob(os.path.join(out, "bad*.jsonl")):
                 os.remove(p)
@@ -336,16 +397,21 @@ class Index:
                 raise SearchError(f"{out!r} already holds an index built with a different " + "; ".join(problems)
                                   + ". Pass the same options to add to it, --overwrite to rebuild it, "
                                     "or a new --out")
+            if spec["kind"] == "workdir":  # same checkpoint: the index already holds its params
+                encoder.spec["weights"] = meta["model"]["weights"]
+            os.makedirs(os.path.join(out, "chunks"), exist_ok=True)
             return meta
-        os.makedirs(os.path.join(out, "chunks"), exist_ok=True)
+        os.makedirs(out, exist_ok=True)
         if spec["kind"] == "workdir":  # make the index self-contained: keep the exported params
             dst = os.path.join(os.path.abspath(out), "model.msgpack")
-            shutil.move(spec["weights"], dst)
+            encoder.save_model(dst + ".tmp")
+            os.replace(dst + ".tmp", dst)
             spec["weights"] = encoder.spec["weights"] = dst
         meta = {"format": FORMAT, "dim": encoder.dim, "dtype": dtype, "model": spec,
                 "image_size": encoder.image_size, "source": source,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         _atomic_write(meta_path, (json.dumps(meta, indent=2) + "\n").encode())
+        os.makedirs(os.path.join(out, "chunks"), exist_ok=True)
         return meta
 
 
@@ -401,7 +467,8 @@ def _load_batches(collection: Collection, todo: list, encoder: Encoder, batch_si
             data, item = collection.read(item)
             return item, encoder.preprocess(decode_image_bytes(data)), None
         except SkipExample as e:
-            return item, None, {"id": item.id, "path": item.path, "reason": e.reason, "detail": e.detail}
+            detail = re.sub(r" <_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", e.detail)  # PIL's noise
+            return item, None, {"id": item.id, "path": item.path, "reason": e.reason, "detail": detail}
 
     items, arrays = [], []
     ahead = max(batch_size * 2, 32)  # items in flight: decoding overlaps embedding

@@ -64,6 +64,29 @@ def test_iter_blocks_regroups_rows_in_order():
     assert np.all(blocks[-1][0][1:] == 0)
 
 
+def test_even_block_rows():
+    assert exact.even_block_rows(100_000, 65536) == 50176     # 2 blocks, not 65536 + 34464
+    assert exact.even_block_rows(5, 65536) == 1024
+    assert exact.even_block_rows(131072, 65536) == 65536
+    for n in (1, 999, 4097, 300_001):
+        b = exact.even_block_rows(n, 4096)
+        assert b <= 4096 and b % 1024 == 0 and -(-n // b) == -(-n // 4096)
+
+
+def test_index_search_streamed_from_disk_equals_device_cache(tmp_path):
+    rng = np.random.default_rng(3)
+    index = Index.from_embeddings(str(tmp_path / "v"), _unit(rng, 3000, 16), dtype="float16", chunk_rows=700)
+    q = _unit(rng, 5, 16)
+    cached = index.search(q, k=7, block_rows=1024)
+    index.cache_bytes = 0  # larger than the cache: read block by block from the memory-mapped chunks
+    index._device_blocks = None
+    streamed = index.search(q, k=7, block_rows=1024)
+    np.testing.assert_array_equal(cached.ids, streamed.ids)
+    ref = q @ index.embeddings().T
+    np.testing.assert_array_equal(cached.ids, np.argsort(-ref, axis=1, kind="stable")[:, :7])
+    assert [r["id"] for r in cached.rows[0]] == [str(i) for i in cached.ids[0]]
+
+
 @pytest.mark.parametrize("block", [16, 64])
 def test_duplicate_pairs_and_groups_match_brute_force(block):
     rng = np.random.default_rng(1)
@@ -110,6 +133,13 @@ def test_bad_files_are_skipped_and_listed(folder, random_encoder, tmp_path):
     assert len(set(ids)) == 30 and "shapes/corrupt.png" not in ids
     emb = index.embeddings()
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    # the documented layout: chunks/<stamp>.npy (n d) next to chunks/<stamp>.jsonl (n rows)
+    chunk_dir = tmp_path / "idx" / "chunks"
+    stems = sorted(p.stem for p in chunk_dir.glob("*.jsonl"))
+    assert len(stems) == 4 and sorted(p.stem for p in chunk_dir.glob("*.npy")) == stems   # 30 rows / 8
+    on_disk = np.concatenate([np.load(chunk_dir / f"{s}.npy") for s in stems])
+    assert on_disk.dtype == np.float32 and on_disk.shape == (30, 32)
+    np.testing.assert_array_equal(on_disk, emb)
     row = index.row(ids.index("shapes/08641.png"))
     assert row["caption"] == "a caption for one shape" and row["path"] == os.path.join(folder, "shapes", "08641.png")
     # the stored embeddings are the model's: re-embed a few files directly
@@ -194,6 +224,8 @@ def test_model_mismatch_and_bad_arguments_are_clear_errors(folder, random_encode
         Index.build(str(tmp_path / "missing"), out, encoder=other, progress=False)
     with pytest.raises(SearchError, match="not a search index"):
         Index.open(str(tmp_path))
+    with pytest.raises(SearchError, match="non-empty folder that is not a search index"):
+        Index.build(folder, str(tmp_path), encoder=other, progress=False)   # never writes into it
     with pytest.raises(SearchError, match="q x 32"):
         rebuilt.search(np.ones((2, 7)), k=3)
     with pytest.raises(SearchError, match="exactly one"):
@@ -248,20 +280,7 @@ def test_multi_device_embedding_matches_single_device(tmp_path):
 
 # ---- approximate search -----------------------------------------------------------------------
 def _vector_index(tmp_path, x):
-    """An index holding the given vectors, written in the documented on-disk format."""
-    from clipjax.search import store
-    out = str(tmp_path / "vectors")
-    os.makedirs(os.path.join(out, "chunks"))
-    meta = {"format": store.FORMAT, "dim": x.shape[1], "dtype": "float32", "model": {"kind": "weights"},
-            "source": {}}
-    with open(os.path.join(out, "index.json"), "w") as f:
-        json.dump(meta, f)
-    for c, part in enumerate(np.array_split(x, 3)):
-        name = os.path.join(out, "chunks", f"{c:020d}-w000")
-        np.save(name + ".npy", part)
-        with open(name + ".jsonl", "w") as f:
-            f.writelines(json.dumps({"id": f"v{c}-{i}", "path": ""}) + "\n" for i in range(len(part)))
-    return Index.open(out)
+    return Index.from_embeddings(str(tmp_path / "vectors"), x, dtype="float32", chunk_rows=len(x) // 3 + 1)
 
 
 def test_approximate_search_agrees_with_exact(tmp_path):
@@ -296,6 +315,8 @@ def test_approximate_without_usearch_names_the_extra(tmp_path, monkeypatch):
     with pytest.raises(ApproximateUnavailable, match=r"pip install clipjax\[search\]"):
         index.search(np.ones(8), k=3, approximate=True)
     assert index.search(np.ones(8), k=3).ids.shape == (1, 3)  # exact search still works
+    with pytest.raises(SearchError, match="precomputed embeddings"):
+        index.search(texts="a red circle")
 
 
 # ---- a briefly trained tiny CLIP: text and image queries retrieve the right images -------------
