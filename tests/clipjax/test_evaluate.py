@@ -67,3 +67,20 @@ def test_cli_prints_table_and_writes_json(run):
     with open(f"{workdir}/eval_step20.json") as f:
         saved = json.load(f)
     assert saved["metrics"]["zero_shot/top1"] == pytest.approx(result.eval_metrics["zero_shot/top1"], abs=1e-6)
+
+
+def test_tfds_classification_dataset(run):
+    """config.data.source='tfds' (cifar10, offline via tfds.testing.mock_data): zero-shot with the
+    cifar class names and templates, retrieval over prompt captions; every image is counted."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+    c = _config()
+    c.data.source, c.data.name, c.data.label_key, c.data.eval_split = "tfds", "cifar10", "label", "test"
+    c.eval.linear_probe = False
+    with tfds.testing.mock_data(num_examples=24):
+        report = evaluate.evaluate(c, run[0])
+    m = report["metrics"]
+    assert report["data"] == "tfds:cifar10/test"
+    assert 0.0 <= m["zero_shot/top1"] <= m["zero_shot/top5"] <= 1.0
+    assert m["retrieval/i2t_R@1"] <= m["retrieval/i2t_R@10"] <= 1.0
+    # 24 images: every accuracy is a multiple of 1/24
+    assert abs(m["zero_shot/top1"] * 24 - round(m["zero_shot/top1"] * 24)) < 1e-6
