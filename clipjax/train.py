@@ -218,7 +218,8 @@ def make_evaluators(config, model: CLIP) -> dict:
             src, arrays = eval_set()
             if not src.classnames or "labels" not in arrays:
                 return {}
-            templates = list(ecfg.templates) if ecfg.templates else list(cn.TEMPLATES.get(src.name, cn.CIFAR_TEMPLATES))
+            name = {"imagenet2012": "imagenet", "imagenet_v2": "imagenet"}.get(src.name, src.name)
+            templates = list(ecfg.templates) if ecfg.templates else list(cn.TEMPLATES.get(name, cn.CIFAR_TEMPLATES))
             return zero_shot.evaluate(model, variables(params, model_state), tokenizer, arrays["images"],
                                       arrays["labels"], src.classnames, templates)
         evaluators["zero_shot"] = zs
