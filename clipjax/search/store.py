@@ -187,7 +187,8 @@ class Index:
         if images is not None:
             single = isinstance(images, (str, os.PathLike)) or (isinstance(images, np.ndarray) and images.ndim == 3)
             images = [images] if single else list(images)
-            labels = [os.fspath(i) if isinstance(i, (str, os.PathLike)) else f"image[{n}]" for n, i in enumerate(images)]
+            labels = [os.fspath(i) if isinstance(i, (str, os.PathLike)) else f"image[{n}]"
+                      for n, i in enumerate(images)]
             return self.encoder.embed_images(images), labels
         q = np.asarray(queries, np.float32)
         q = q[None] if q.ndim == 1 else q
