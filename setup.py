@@ -35,6 +35,7 @@ EXTRAS = {
         "pytest-timeout>=2.3",
         "hypothesis>=6.100",
         "scikit-image>=0.22",   # real sample photos for preprocessing parity
+        "usearch>=2.12",        # the approximate search path is tested too
     ],
     # Reference implementations for the parity tests and benchmarks. These exact torch versions
     # install from the local wheel cache on the development machines.

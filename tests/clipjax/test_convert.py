@@ -164,10 +164,11 @@ def test_tiny_parity(tiny_pair):
 
 
 @pytest.mark.parity
+@pytest.mark.parametrize("tiny_pair", [p for p in TINY if p[0] != "tiny-rn"], indirect=True,
+                         ids=lambda p: p[0] + "".join(f"-{k}" for k in p[1]))
 def test_tiny_parity_scanned(tiny_pair):
+    # scan stacks transformer blocks: the ViT cases cover both towers.
     name, cfg, ref, _, _ = tiny_pair
-    if cfg.vision.is_resnet:
-        pytest.skip("scan applies to transformer towers; the text tower is covered by the ViT case")
     model = create_model(name, scan=True, quick_gelu=cfg.quick_gelu, init_logit_bias=cfg.init_logit_bias)
     variables = convert.torch_to_clipjax(_state_dict(ref), model)
     assert "layers" in variables["params"]["visual"]["transformer"]

@@ -309,8 +309,6 @@ def test_clip_outputs(tiny_clip):
 
 def test_text_pooling_uses_eot_and_causality(tiny_clip):
     name, model, _, variables, _ = tiny_clip
-    if name != "tiny-vit":
-        pytest.skip("text tower is the same for both tiny models")
     _, tokens = _clip_inputs(model)
     enc = jax.jit(lambda v, t: model.apply(v, t, method=CLIP.encode_text))
     full = enc(variables, tokens)
@@ -360,7 +358,8 @@ def test_bf16_close_to_f32(tiny_clip):
 def test_resnet_batchnorm_modes(tiny_clip):
     name, model, _, v, apply = tiny_clip
     if name != "tiny-rn":
-        pytest.skip("ResNet only")
+        assert "batch_stats" not in v  # a ViT has no BatchNorm state
+        return
     images, tokens = _clip_inputs(model)
     assert "batch_stats" in v
     # default: inference-mode BN even with train=True, so no mutable collection is needed
