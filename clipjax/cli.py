@@ -103,6 +103,9 @@ def train_main(config, workdir: str) -> int:
     from clipjax import parallel, trainer
 
     parallel.maybe_initialize_distributed(config.distributed)
+    if "workdir_for_images" in config:  # tasks that write image grids (dVAE, DALL-E) learn the workdir
+        with config.unlocked():
+            config.workdir_for_images = workdir
     task = trainer.load_task(config)
     result = trainer.train(task, config, workdir)
     if jax.process_index() == 0:

@@ -97,16 +97,9 @@ def _reconstruct(model, variables, images):
     return np.asarray(fn(variables, jnp.asarray(images)))
 
 
-def train_main(config, workdir: str) -> int:
-    from clipjax import cli
-    with config.unlocked():
-        config.workdir_for_images = workdir
-    return cli.train_main(config, workdir)
-
-
 def run():
     from clipjax import cli
-    cli.run_main(train_main)
+    cli.run_main(cli.train_main)
 
 
 if __name__ == "__main__":
