@@ -39,14 +39,20 @@ from absl import flags
 
 __all__ = ["EncodeError", "encode_dataset"]
 
-_DVAE = flags.DEFINE_string("dvae", None, "dVAE weights: a train_dvae workdir, orbax step dir, .msgpack or "
-                            "converted encoder file (default: config.dvae.workdir).")
-_OUT = flags.DEFINE_string("out", None, "Output folder for the token shards.")
-_SPLIT = flags.DEFINE_enum("split", "train", ["train", "eval"], "Which split of config.data to encode.")
-_NUM_SHARDS = flags.DEFINE_integer("num_shards", 1, "Number of TFRecord shards.")
-_BATCH = flags.DEFINE_integer("batch", 256, "Images per jitted encoder call.")
-_MAX_EXAMPLES = flags.DEFINE_integer("max_examples", 0, "Encode only the first N examples (0 = all).")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing token dataset in --out.")
+_DVAE = _OUT = _SPLIT = _NUM_SHARDS = _BATCH = _MAX_EXAMPLES = _OVERWRITE = None
+
+
+def _define_flags():
+    """Defined when the CLI runs, not at import (absl flags are global; other CLIs share names)."""
+    global _DVAE, _OUT, _SPLIT, _NUM_SHARDS, _BATCH, _MAX_EXAMPLES, _OVERWRITE
+    _DVAE = flags.DEFINE_string("dvae", None, "dVAE weights: a train_dvae workdir, orbax step dir, .msgpack or "
+                                "converted encoder file (default: config.dvae.workdir).")
+    _OUT = flags.DEFINE_string("out", None, "Output folder for the token shards.")
+    _SPLIT = flags.DEFINE_enum("split", "train", ["train", "eval"], "Which split of config.data to encode.")
+    _NUM_SHARDS = flags.DEFINE_integer("num_shards", 1, "Number of TFRecord shards.")
+    _BATCH = flags.DEFINE_integer("batch", 256, "Images per jitted encoder call.")
+    _MAX_EXAMPLES = flags.DEFINE_integer("max_examples", 0, "Encode only the first N examples (0 = all).")
+    _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing token dataset in --out.")
 
 FORMAT = "dallejax.tokens/1"
 
@@ -189,7 +195,11 @@ def _main(config, workdir: str) -> int:
 
 def main():
     from clipjax.cli import run_main
+    _define_flags()
     run_main(_main)
+
+
+run = main  # console script entry point
 
 
 if __name__ == "__main__":

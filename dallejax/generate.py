@@ -40,26 +40,33 @@ from dallejax.transformer import DalleTransformer, model_from_config
 __all__ = ["GenerateError", "load_variables", "save_variables", "load_image", "make_grid", "save_grid",
            "pixel_box_to_tokens", "generate"]
 
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "DALL-E transformer weights: workdir, orbax step dir, "
-                                  ".msgpack, or 'random'.")
-_DVAE_CHECKPOINT = flags.DEFINE_string("dvae-checkpoint", None, "dVAE weights (same formats) or 'random'.")
-_PROMPT = flags.DEFINE_string("prompt", None, "The caption.")
-_NUM = flags.DEFINE_integer("num", 16, "Number of images to sample.")
-_BATCH = flags.DEFINE_integer("batch", 0, "Samples per compiled sampling call (0 = config.sampling.batch).")
-_SEED = flags.DEFINE_integer("seed", 0, "Random seed (sampling and any random init).")
-_TEMPERATURE = flags.DEFINE_float("temperature", None, "Sampling temperature (0 = greedy).")
-_TOP_K = flags.DEFINE_integer("top-k", None, "Keep the k most likely tokens (0 = off).")
-_TOP_P = flags.DEFINE_float("top-p", None, "Nucleus sampling mass (1 = off).")
-_GUIDANCE = flags.DEFINE_float("guidance-scale", None, "Classifier-free guidance scale (1 = off).")
-_RERANK = flags.DEFINE_string("rerank-with", "", "CLIP weights used to rerank the samples (empty = no rerank).")
-_CLIP_MODEL = flags.DEFINE_string("clip-model", None, "CLIP architecture name for --rerank-with.")
-_KEEP = flags.DEFINE_integer("keep", 0, "With --rerank-with: keep the best k images (0 = all, sorted).")
-_COMPLETE = flags.DEFINE_string("complete", "", "Image to complete from its top --keep-rows token rows.")
-_KEEP_ROWS = flags.DEFINE_integer("keep-rows", 0, "Token rows kept with --complete.")
-_EDIT = flags.DEFINE_string("edit", "", "Image whose --box region is resampled.")
-_BOX = flags.DEFINE_string("box", "", "x0,y0,x1,y1 in pixels of the dVAE-sized image (with --edit).")
-_OUT = flags.DEFINE_string("out", "grid.png", "Output PNG grid.")
-_COLS = flags.DEFINE_integer("cols", 0, "Grid columns (0 = about square).")
+# Flag holders, set by _define_flags() when the CLI runs.
+_CHECKPOINT = _DVAE_CHECKPOINT = _PROMPT = _NUM = _BATCH = _SEED = _TEMPERATURE = _TOP_K = _TOP_P = _GUIDANCE = _RERANK = _CLIP_MODEL = _KEEP = _COMPLETE = _KEEP_ROWS = _EDIT = _BOX = _OUT = _COLS = None
+
+
+def _define_flags():
+    """Defined when the CLI runs, not at import: absl flags are global and other CLIs share names."""
+    global _CHECKPOINT, _DVAE_CHECKPOINT, _PROMPT, _NUM, _BATCH, _SEED, _TEMPERATURE, _TOP_K, _TOP_P, _GUIDANCE, _RERANK, _CLIP_MODEL, _KEEP, _COMPLETE, _KEEP_ROWS, _EDIT, _BOX, _OUT, _COLS
+    _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "DALL-E transformer weights: workdir, orbax step dir, "
+                                      ".msgpack, or 'random'.")
+    _DVAE_CHECKPOINT = flags.DEFINE_string("dvae-checkpoint", None, "dVAE weights (same formats) or 'random'.")
+    _PROMPT = flags.DEFINE_string("prompt", None, "The caption.")
+    _NUM = flags.DEFINE_integer("num", 16, "Number of images to sample.")
+    _BATCH = flags.DEFINE_integer("batch", 0, "Samples per compiled sampling call (0 = config.sampling.batch).")
+    _SEED = flags.DEFINE_integer("seed", 0, "Random seed (sampling and any random init).")
+    _TEMPERATURE = flags.DEFINE_float("temperature", None, "Sampling temperature (0 = greedy).")
+    _TOP_K = flags.DEFINE_integer("top-k", None, "Keep the k most likely tokens (0 = off).")
+    _TOP_P = flags.DEFINE_float("top-p", None, "Nucleus sampling mass (1 = off).")
+    _GUIDANCE = flags.DEFINE_float("guidance-scale", None, "Classifier-free guidance scale (1 = off).")
+    _RERANK = flags.DEFINE_string("rerank-with", "", "CLIP weights used to rerank the samples (empty = no rerank).")
+    _CLIP_MODEL = flags.DEFINE_string("clip-model", None, "CLIP architecture name for --rerank-with.")
+    _KEEP = flags.DEFINE_integer("keep", 0, "With --rerank-with: keep the best k images (0 = all, sorted).")
+    _COMPLETE = flags.DEFINE_string("complete", "", "Image to complete from its top --keep-rows token rows.")
+    _KEEP_ROWS = flags.DEFINE_integer("keep-rows", 0, "Token rows kept with --complete.")
+    _EDIT = flags.DEFINE_string("edit", "", "Image whose --box region is resampled.")
+    _BOX = flags.DEFINE_string("box", "", "x0,y0,x1,y1 in pixels of the dVAE-sized image (with --edit).")
+    _OUT = flags.DEFINE_string("out", "grid.png", "Output PNG grid.")
+    _COLS = flags.DEFINE_integer("cols", 0, "Grid columns (0 = about square).")
 
 
 class GenerateError(ValueError):
@@ -269,7 +276,11 @@ def _main(config, workdir: str) -> int:
 
 def main():
     from clipjax.cli import run_main
+    _define_flags()
     run_main(_main)
+
+
+run = main  # console script entry point
 
 
 if __name__ == "__main__":

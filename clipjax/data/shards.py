@@ -36,17 +36,20 @@ from absl import app, flags
 from clipjax.data import sources
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("input", None, "Folder of images with sidecar .txt captions, or a .csv/.jsonl manifest.")
-flags.DEFINE_string("output", None, "Output folder for the shards, dataset.json and report.json.")
-flags.DEFINE_integer("num_shards", 8, "Number of TFRecord shards (use a multiple of the number of hosts).")
-flags.DEFINE_string("prefix", "shard", "Shard file name prefix.")
-flags.DEFINE_enum("reencode", "auto", ["auto", "jpeg", "png"],
-                  "Format for images that must be re-encoded; auto: JPEG sources -> JPEG, lossless -> PNG.")
-flags.DEFINE_integer("quality", 95, "JPEG quality for re-encoded images.")
-flags.DEFINE_integer("max_side", 0, "If > 0, downscale images whose shorter side exceeds this.")
-flags.DEFINE_integer("max_pixels", sources.DEFAULT_MAX_PIXELS, "Skip images with more pixels than this.")
-flags.DEFINE_integer("shuffle_seed", 0, "Shuffle rows with this seed before sharding; -1 keeps input order.")
-flags.DEFINE_integer("num_workers", 1, "Processes validating images in parallel.")
+def _define_flags():
+    """Defined when the CLI runs, not at import: several CLIs' modules share one process in tests
+    and libraries, and absl flags are global."""
+    flags.DEFINE_string("input", None, "Folder of images with sidecar .txt captions, or a .csv/.jsonl manifest.")
+    flags.DEFINE_string("output", None, "Output folder for the shards, dataset.json and report.json.")
+    flags.DEFINE_integer("num_shards", 8, "Number of TFRecord shards (use a multiple of the number of hosts).")
+    flags.DEFINE_string("prefix", "shard", "Shard file name prefix.")
+    flags.DEFINE_enum("reencode", "auto", ["auto", "jpeg", "png"],
+                      "Format for images that must be re-encoded; auto: JPEG sources -> JPEG, lossless -> PNG.")
+    flags.DEFINE_integer("quality", 95, "JPEG quality for re-encoded images.")
+    flags.DEFINE_integer("max_side", 0, "If > 0, downscale images whose shorter side exceeds this.")
+    flags.DEFINE_integer("max_pixels", sources.DEFAULT_MAX_PIXELS, "Skip images with more pixels than this.")
+    flags.DEFINE_integer("shuffle_seed", 0, "Shuffle rows with this seed before sharding; -1 keeps input order.")
+    flags.DEFINE_integer("num_workers", 1, "Processes validating images in parallel.")
 
 MAX_REPORTED_SKIPS = 1000
 
@@ -176,6 +179,7 @@ def main(argv):
 
 
 def run():
+    _define_flags()
     app.run(main)
 
 

@@ -19,33 +19,35 @@ from clipjax import cli
 
 FLAGS = flags.FLAGS
 # model (index; optional for query/dedup, which default to the model recorded in the index)
-flags.DEFINE_string("weights", "", "Weights file: clipjax .msgpack, open_clip/OpenAI .pt/.bin/.safetensors.")
-flags.DEFINE_string("model", "", "Registry model name (clipjax.models.list_models()); needed for state-dict "
-                    "files whose architecture is not stored. A name without --weights = random init.")
-flags.DEFINE_integer("step", -1, "With --config/--workdir: checkpoint step to use (-1 = latest).")
-# index
-flags.DEFINE_string("images", "", "index: a folder of images (+ sidecar .txt captions), a .csv/.jsonl "
-                    "manifest, or a folder/glob of TFRecord shards from python -m clipjax.data.shards.")
-flags.DEFINE_string("out", "", "index: the index folder to create or extend.")
-flags.DEFINE_integer("batch_size", 64, "index: images per embedding batch (split over local devices).")
-flags.DEFINE_integer("chunk_rows", 4096, "index: rows per chunk file (the unit of resumption).")
-flags.DEFINE_enum("dtype", "float16", ["float16", "float32"], "index: storage dtype of the embeddings.")
-flags.DEFINE_integer("num_threads", 8, "index: threads reading and preprocessing images.")
-flags.DEFINE_integer("worker_index", 0, "index: this worker's number when several hosts/processes share "
-                     "one index (each embeds the items whose id hashes to it).")
-flags.DEFINE_integer("num_workers", 1, "index: number of such workers.")
-flags.DEFINE_bool("overwrite", False, "index: delete the existing index in --out and rebuild it.")
-flags.DEFINE_bool("progress", True, "index: show a progress bar.")
-# query / dedup
-flags.DEFINE_multi_string("text", [], "query: a text query (repeat for several).")
-flags.DEFINE_multi_string("image", [], "query: an image file query (repeat for several).")
-flags.DEFINE_integer("top_k", 10, "query: results per query.")
-flags.DEFINE_bool("approx", False, "query: use the approximate usearch index (pip install clipjax[search]).")
-flags.DEFINE_integer("expansion_search", 0, "query --approx: HNSW search breadth (0 = the index's setting).")
-flags.DEFINE_integer("block_rows", 65536, "query/dedup: index rows scored per jitted block (memory bound).")
-flags.DEFINE_enum("format", "table", ["table", "json", "html"], "query/dedup: output format.")
-flags.DEFINE_string("output", "", "query/dedup: write the output to this file ('' = stdout; html needs a file).")
-flags.DEFINE_float("threshold", 0.95, "dedup: cosine similarity at or above which two rows are duplicates.")
+def _define_flags():
+    """Defined when the CLI runs, not at import: absl flags are global and other CLIs share names."""
+    flags.DEFINE_string("weights", "", "Weights file: clipjax .msgpack, open_clip/OpenAI .pt/.bin/.safetensors.")
+    flags.DEFINE_string("model", "", "Registry model name (clipjax.models.list_models()); needed for state-dict "
+                        "files whose architecture is not stored. A name without --weights = random init.")
+    flags.DEFINE_integer("step", -1, "With --config/--workdir: checkpoint step to use (-1 = latest).")
+    # index
+    flags.DEFINE_string("images", "", "index: a folder of images (+ sidecar .txt captions), a .csv/.jsonl "
+                        "manifest, or a folder/glob of TFRecord shards from python -m clipjax.data.shards.")
+    flags.DEFINE_string("out", "", "index: the index folder to create or extend.")
+    flags.DEFINE_integer("batch_size", 64, "index: images per embedding batch (split over local devices).")
+    flags.DEFINE_integer("chunk_rows", 4096, "index: rows per chunk file (the unit of resumption).")
+    flags.DEFINE_enum("dtype", "float16", ["float16", "float32"], "index: storage dtype of the embeddings.")
+    flags.DEFINE_integer("num_threads", 8, "index: threads reading and preprocessing images.")
+    flags.DEFINE_integer("worker_index", 0, "index: this worker's number when several hosts/processes share "
+                         "one index (each embeds the items whose id hashes to it).")
+    flags.DEFINE_integer("num_workers", 1, "index: number of such workers.")
+    flags.DEFINE_bool("overwrite", False, "index: delete the existing index in --out and rebuild it.")
+    flags.DEFINE_bool("progress", True, "index: show a progress bar.")
+    # query / dedup
+    flags.DEFINE_multi_string("text", [], "query: a text query (repeat for several).")
+    flags.DEFINE_multi_string("image", [], "query: an image file query (repeat for several).")
+    flags.DEFINE_integer("top_k", 10, "query: results per query.")
+    flags.DEFINE_bool("approx", False, "query: use the approximate usearch index (pip install clipjax[search]).")
+    flags.DEFINE_integer("expansion_search", 0, "query --approx: HNSW search breadth (0 = the index's setting).")
+    flags.DEFINE_integer("block_rows", 65536, "query/dedup: index rows scored per jitted block (memory bound).")
+    flags.DEFINE_enum("format", "table", ["table", "json", "html"], "query/dedup: output format.")
+    flags.DEFINE_string("output", "", "query/dedup: write the output to this file ('' = stdout; html needs a file).")
+    flags.DEFINE_float("threshold", 0.95, "dedup: cosine similarity at or above which two rows are duplicates.")
 
 COMMANDS = ("index", "query", "dedup")
 _USAGE = ("usage: python -m clipjax.search index --images=... --out=IDX (--weights=... | --config=... "
@@ -167,6 +169,7 @@ def run() -> None:
     import logging
     logging.getLogger("absl").setLevel(logging.WARNING)
     sys.argv = _normalise_dashes(sys.argv)
+    _define_flags()
     app.run(_main, flags_parser=cli._parse_flags_or_exit)
 
 
