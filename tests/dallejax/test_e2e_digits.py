@@ -11,7 +11,8 @@ below 1e-9, so passing proves text conditioning. Measured on the development mac
 2 of the DALL-E run): plain 0.67 / 0.69 / 0.76, guided 0.81 / 0.86 / 0.96, i.e. more than six
 binomial standard deviations above the threshold, so float differences between machines (which
 change the sampled digits, not the model's competence) cannot flip it.
-Cost: about 70 s of CPU (dVAE 300 steps, encoding, DALL-E 500 steps, sampling), shared by both tests.
+Cost: 55 s wall / 96 s CPU on 2 quiet cores (dVAE 300 steps, encoding, DALL-E 500 steps, sampling),
+shared by both tests through one module fixture.
 """
 import importlib.util
 import os
