@@ -104,8 +104,9 @@ def encode_dataset(config, dvae_path: str, out: str, split: str = "train", num_s
                           f"codes but config.model has grid={cfg.grid}, image_vocab_size={cfg.image_vocab_size}")
     if int(config.data.image_size) != dvae.image_size:
         raise EncodeError(f"config.data.image_size={config.data.image_size} but the dVAE takes {dvae.image_size} px")
-    params = train_dalle.load_dvae_params(dvae_path, config.dvae.get("decoder", "") if "dvae" in config else "")
-    train_dalle._check_dvae_params(dvae, params, dvae_path)
+    params = train_dalle.load_dvae_params(dvae_path, config.dvae.get("decoder", "") if "dvae" in config else "",
+                                          what="--dvae")
+    train_dalle._check_dvae_params(dvae, params, dvae_path, what="--dvae")
     encoder = {"encoder": jax.tree_util.tree_map(jnp.asarray, params["encoder"])}
     encode = jax.jit(lambda p, x: dvae.apply({"params": p}, x, method=dvae_lib.DVAE.encode).reshape(x.shape[0], -1))
     tokenizer = train_dalle._tokenizer(cfg.text_len)

@@ -107,7 +107,7 @@ def _unwrap_saved(tree):
     return tree
 
 
-def _restore_orbax_params(path: str) -> dict:
+def _restore_orbax_params(path: str, what: str = "config.dvae.workdir") -> dict:
     import orbax.checkpoint as ocp
     path = os.path.abspath(path)
     root, step = path, None
@@ -120,7 +120,7 @@ def _restore_orbax_params(path: str) -> dict:
     try:
         step = manager.latest_step() if step is None else step
         if step is None:
-            raise ConfigError(f"config.dvae.workdir={path!r}: no checkpoint in {root}; train the dVAE "
+            raise ConfigError(f"{what}={path!r}: no checkpoint in {root}; train the dVAE "
                                     f"first (python -m dallejax.train_dvae --workdir=...)")
         state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
     finally:
@@ -130,23 +130,24 @@ def _restore_orbax_params(path: str) -> dict:
 
 
 @functools.lru_cache(maxsize=4)
-def load_dvae_params(path: str, decoder: str = "") -> dict:
+def load_dvae_params(path: str, decoder: str = "", what: str = "config.dvae.workdir") -> dict:
     """dVAE parameters ``{'encoder': ..., 'decoder': ...}`` (numpy) from ``path`` (see module docstring);
-    a converted encoder file gives only ``'encoder'`` unless ``decoder`` names the converted decoder."""
+    a converted encoder file gives only ``'encoder'`` unless ``decoder`` names the converted decoder.
+    ``what`` names the setting in error messages."""
     if not path:
         raise ConfigError("config.dvae.workdir is empty: train a dVAE first (python -m "
                                 "dallejax.train_dvae --workdir=DIR) and set --config.dvae.workdir=DIR, or "
                                 "encode the data (python -m dallejax.encode_dataset) and set "
                                 "config.data.source='tokens'")
     if not os.path.exists(path):
-        raise ConfigError(f"config.dvae.workdir={path!r} does not exist")
+        raise ConfigError(f"{what}={path!r} does not exist")
     params: dict
     if os.path.isdir(path):
-        params = _restore_orbax_params(path)
+        params = _restore_orbax_params(path, what)
     elif path.endswith((".msgpack", ".safetensors")):
         params = _read_weights_file(path)
     else:
-        raise ConfigError(f"config.dvae.workdir={path!r}: expected a train_dvae workdir, an orbax step "
+        raise ConfigError(f"{what}={path!r}: expected a train_dvae workdir, an orbax step "
                                 f"directory, or a .msgpack/.safetensors file")
     if decoder:
         params = {**params, **_read_weights_file(decoder)}
@@ -167,19 +168,19 @@ def _read_weights_file(path: str) -> dict:
     return blob.get("params", blob)
 
 
-def _check_dvae_params(model: dvae_lib.DVAE, params: dict, where: str) -> Any:
+def _check_dvae_params(model: dvae_lib.DVAE, params: dict, where: str, what: str = "config.dvae.workdir") -> Any:
     """Boxed template of the parts present; raises ConfigError naming the first mismatches."""
     from clipjax.checkpoint import param_shapes
     s = model.image_size
     template = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, s, s, model.input_channels))))
     template = {k: v for k, v in template["params"].items() if k in params}
     if "encoder" not in params:
-        raise ConfigError(f"config.dvae.workdir={where!r} holds no dVAE encoder (parts: {sorted(params)})")
+        raise ConfigError(f"{what}={where!r} holds no dVAE encoder (parts: {sorted(params)})")
     want, got = param_shapes(nn.unbox(template)), param_shapes(params)
     if want != got:
         diffs = [f"{k}: weights {got.get(k)} vs config.dvae.model {want.get(k)}"
                  for k in sorted(set(want) | set(got)) if want.get(k) != got.get(k)]
-        raise ConfigError(f"config.dvae.workdir={where!r} does not fit config.dvae.model ({len(diffs)} "
+        raise ConfigError(f"{what}={where!r} does not fit config.dvae.model ({len(diffs)} "
                           f"differences: {'; '.join(diffs[:4])}); use the dVAE config it was trained with")
     return template
 
