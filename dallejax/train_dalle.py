@@ -357,12 +357,14 @@ def _tokenizer(context_length: int):
     return Tokenizer(context_length=context_length)
 
 
-def _estimate_flops(model: DalleTransformer, dvae: Optional[dvae_lib.DVAE], encode: bool) -> float:
+def _estimate_flops(model: DalleTransformer, dvae: Optional[dvae_lib.DVAE], encode: bool,
+                    with_text_head: bool = True) -> float:
     """Training FLOPs per example: 3x the transformer's forward + the dVAE encoder's forward."""
     cfg = model.config
     try:
         def fwd(params, text, image):
-            return model.apply({"params": params}, text, image)
+            text_logits, image_logits = model.apply({"params": params}, text, image)
+            return (text_logits, image_logits) if with_text_head else image_logits
         shapes = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, cfg.text_len),
                                                             jnp.int32), jnp.zeros((1, cfg.image_len), jnp.int32))))
         cost = jax.jit(fwd).lower(shapes["params"], jax.ShapeDtypeStruct((1, cfg.text_len), jnp.int32),
@@ -440,7 +442,7 @@ def dalle_task(config: ml_collections.ConfigDict) -> Task:
     # Without the text loss the text head gets no gradient: freezing it also skips its optimizer update.
     frozen = ("text_head",) if text_weight == 0 else ()
     return Task(name=name, init=init, loss=loss, data=data, evaluators=evaluators, frozen=frozen,
-                flops_per_example=_estimate_flops(model, dvae, not tokens_mode)
+                flops_per_example=_estimate_flops(model, dvae, not tokens_mode, text_weight > 0)
                 if config.get("count_flops", True) else 0.0)
 
 
