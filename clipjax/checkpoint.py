@@ -21,6 +21,16 @@ import orbax.checkpoint as ocp
 from clipjax.optim import param_path
 
 
+def unwrap_boxed(tree: Any) -> Any:
+    """Orbax stores ``nn.Partitioned`` leaves of raw (untyped) restores as ``{'value': array}``;
+    returns the tree with those wrappers removed."""
+    if isinstance(tree, dict):
+        if set(tree) == {"value"} and not isinstance(tree["value"], dict):
+            return tree["value"]
+        return {k: unwrap_boxed(v) for k, v in tree.items()}
+    return tree
+
+
 class CheckpointMismatchError(ValueError):
     """The checkpoint in the workdir does not fit the model being trained."""
 

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
+from clipjax.checkpoint import unwrap_boxed
 from dallejax import sampling
 from dallejax.images import make_grid, save_grid  # noqa: F401  (re-exported)
 from dallejax.transformer import DalleTransformer, model_from_config
@@ -75,13 +76,6 @@ class GenerateError(ValueError):
 
 
 # ----------------------------------------------------------------------------- weights
-def _unbox_saved(tree):
-    """Orbax stores ``nn.Partitioned`` leaves as ``{'value': array}``; unwrap them."""
-    if isinstance(tree, dict):
-        if set(tree) == {"value"} and not isinstance(tree["value"], dict):
-            return tree["value"]
-        return {k: _unbox_saved(v) for k, v in tree.items()}
-    return tree
 
 
 def _restore_orbax(path: str):
@@ -102,7 +96,7 @@ def _restore_orbax(path: str):
     finally:
         manager.close()
     params = state.get("ema_params") or state["params"]
-    return _unbox_saved(params)
+    return unwrap_boxed(params)
 
 
 def load_variables(path: str) -> Any:

@@ -53,6 +53,7 @@ import numpy as np
 from clipjax.config import ConfigError
 from clipjax.task import Task
 from dallejax import dvae as dvae_lib
+from clipjax.checkpoint import unwrap_boxed
 from dallejax import sampling
 from dallejax.transformer import DalleTransformer, model_from_config, remap_text_padding
 
@@ -98,13 +99,6 @@ def dvae_model(dvae_cfg) -> dvae_lib.DVAE:
         raise ConfigError(f"config.dvae.model: {e}") from None
 
 
-def _unwrap_saved(tree):
-    """Orbax may store ``nn.Partitioned`` leaves as ``{'value': array}``; unwrap them."""
-    if isinstance(tree, dict):
-        if set(tree) == {"value"} and not isinstance(tree["value"], dict):
-            return tree["value"]
-        return {k: _unwrap_saved(v) for k, v in tree.items()}
-    return tree
 
 
 def _restore_orbax_params(path: str, what: str = "config.dvae.workdir") -> dict:
@@ -126,7 +120,7 @@ def _restore_orbax_params(path: str, what: str = "config.dvae.workdir") -> dict:
     finally:
         manager.close()
     params = state.get("ema_params") or state["params"]
-    return _unwrap_saved(params)
+    return unwrap_boxed(params)
 
 
 @functools.lru_cache(maxsize=4)
