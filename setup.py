@@ -60,7 +60,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["clipjax", "clipjax.*", "dallejax", "dallejax.*"]),
-    package_data={"clipjax": ["*.txt.gz", "evals/*.json"]},
+    package_data={"clipjax": ["*.txt.gz", "evals/*.json", "evals/*.txt"]},
     include_package_data=True,
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,

@@ -160,8 +160,7 @@ def _classes_and_templates(config):
     if not pipeline.has_labels(src):
         raise ConfigError(f"config.data (source={config.data.source!r}) has no labels; set config.data.label_key")
     ft = config.get("finetune", finetune_config())
-    # 'imagenet2012' (TFDS) uses the 'imagenet' prompts
-    default = cn.TEMPLATES.get(src.name) or cn.TEMPLATES.get(src.name.rstrip("0123456789"), cn.CIFAR_TEMPLATES)
+    default = cn.templates_for(src.name)
     templates = list(ft.templates) if ft.templates else list(default)
     return src, list(src.classnames), templates
 

@@ -218,8 +218,7 @@ def make_evaluators(config, model: CLIP) -> dict:
             src, arrays = eval_set()
             if not src.classnames or "labels" not in arrays:
                 return {}
-            name = {"imagenet2012": "imagenet", "imagenet_v2": "imagenet"}.get(src.name, src.name)
-            templates = list(ecfg.templates) if ecfg.templates else list(cn.TEMPLATES.get(name, cn.CIFAR_TEMPLATES))
+            templates = list(ecfg.templates) if ecfg.templates else list(cn.templates_for(src.name))
             return zero_shot.evaluate(model, variables(params, model_state), tokenizer, arrays["images"],
                                       arrays["labels"], src.classnames, templates)
         evaluators["zero_shot"] = zs

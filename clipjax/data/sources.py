@@ -592,7 +592,7 @@ class TFDSSource(Source):
         if not caption_key and not label_key:
             raise DataError(f"TFDS source {name!r}: set data.caption_key (e.g. 'captions/text') "
                             f"or data.label_key (e.g. 'label') so examples have text")
-        base = name.split(":")[0].split("/")[0]
+        base = cn.dataset_base(name)
         if label_key:
             if classnames is None:
                 if base in cn.CLASSNAMES:

@@ -7,6 +7,8 @@ and match the captions of the built-in datasets (clipjax.data.builtin).
 """
 from __future__ import annotations
 
+import os
+
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 CLASSNAMES: dict[str, tuple[str, ...]] = {
@@ -29,6 +31,21 @@ CLASSNAMES: dict[str, tuple[str, ...]] = {
         "telephone", "television", "tiger", "tractor", "train", "trout", "tulip", "turtle",
         "wardrobe", "whale", "willow tree", "wolf", "woman", "worm"),
 }
+
+
+def _read_names(filename: str) -> tuple[str, ...]:
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), filename), encoding="utf-8") as f:
+        return tuple(line.rstrip("\n") for line in f if line.strip())
+
+
+# OpenAI CLIP's 1,000 hand-edited ImageNet class names (the zero-shot notebook's list), in the
+# order of the synset ids (the label order of tfds imagenet2012 and the datasets that share its
+# classes). One name per line in imagenet_classnames.txt; see THIRD_PARTY.md.
+IMAGENET_CLASSNAMES = _read_names("imagenet_classnames.txt")
+# Datasets labelled with ImageNet-1k's classes in the same order (tfds names).
+IMAGENET_1K_DATASETS = ("imagenet", "imagenet2012", "imagenet2012_real", "imagenet_v2", "imagenet_sketch",
+                        "imagenet2012_corrupted")
+CLASSNAMES.update({name: IMAGENET_CLASSNAMES for name in IMAGENET_1K_DATASETS})
 
 # OpenAI CLIP's 18 templates for CIFAR-10 and CIFAR-100 (data/prompts.md).
 CIFAR_TEMPLATES = (
@@ -146,8 +163,18 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
     "shapes": SHAPE_TEMPLATES,
     "cifar10": CIFAR_TEMPLATES,
     "cifar100": CIFAR_TEMPLATES,
-    "imagenet": IMAGENET_TEMPLATES,
+    **{name: IMAGENET_TEMPLATES for name in IMAGENET_1K_DATASETS},
 }
+
+
+def dataset_base(name: str) -> str:
+    """'imagenet2012:5.1.0' / 'cifar100/coarse' -> 'imagenet2012' / 'cifar100' (the TEMPLATES key)."""
+    return name.split(":")[0].split("/")[0]
+
+
+def templates_for(dataset: str, default: tuple[str, ...] = CIFAR_TEMPLATES) -> tuple[str, ...]:
+    """The zero-shot template set of a dataset (by tfds or built-in name); ``default`` otherwise."""
+    return TEMPLATES.get(dataset) or TEMPLATES.get(dataset_base(dataset), default)
 
 
 def prompts(dataset: str, classnames=None, templates=None) -> list[list[str]]:

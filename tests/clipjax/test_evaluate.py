@@ -84,3 +84,25 @@ def test_tfds_classification_dataset(run):
     assert m["retrieval/i2t_R@1"] <= m["retrieval/i2t_R@10"] <= 1.0
     # 24 images: every accuracy is a multiple of 1/24
     assert abs(m["zero_shot/top1"] * 24 - round(m["zero_shot/top1"] * 24)) < 1e-6
+
+
+def test_imagenet_zero_shot_uses_clip_class_names_and_80_templates():
+    """tfds imagenet2012 labels are WordNet ids; zero-shot must use OpenAI CLIP's 1,000 edited
+    names (same order as the synsets, checked against open_clip's copy) and the 80 templates."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+    from clipjax.data import pipeline
+    from clipjax.evals import classnames as cn
+    from open_clip import zero_shot_metadata as oc
+    assert cn.IMAGENET_CLASSNAMES == tuple(oc.IMAGENET_CLASSNAMES)
+    assert len(cn.IMAGENET_CLASSNAMES) == 1000 and cn.IMAGENET_CLASSNAMES[0] == "tench"
+    for name in ("imagenet2012", "imagenet2012:5.1.0", "imagenet_v2/matched-frequency"):
+        assert cn.templates_for(name) == cn.IMAGENET_TEMPLATES and len(cn.IMAGENET_TEMPLATES) == 80
+    assert cn.templates_for("cifar10") == cn.CIFAR_TEMPLATES
+    c = _config()
+    c.data.source, c.data.name, c.data.label_key, c.data.eval_split = "tfds", "imagenet2012", "label", "validation"
+    with tfds.testing.mock_data(num_examples=4):
+        src = pipeline.make_source(c.data, "eval")
+        assert list(src.classnames) == list(cn.IMAGENET_CLASSNAMES)
+        ex = src.get(0)
+    assert ex.label is not None and ex.captions[0] in [t.format(cn.IMAGENET_CLASSNAMES[ex.label])
+                                                        for t in cn.IMAGENET_TEMPLATES]
