@@ -47,7 +47,9 @@ NO_LABEL = -1
 
 
 class DataError(ValueError):
-    """The data cannot be used as given. The message names the problem and the fix."""
+    """The data cannot be used as given. The message names the problem and the fix.
+    CLIs print it as one line (exit 2), not a traceback."""
+    user_error = True
 
 
 class SkipExample(Exception):
