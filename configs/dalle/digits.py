@@ -6,7 +6,7 @@
     python -m dallejax.generate --config=configs/dalle/digits.py --checkpoint=/tmp/dalle_digits \\
         --dvae-checkpoint=/tmp/dvae_digits --prompt="a handwritten 7" --num=16 --out=sevens.png
 
-The dVAE fields below are those of configs/dvae/digits.py (32 px -> 8x8 tokens, 512 codes).
+The dVAE fields below are those of configs/dvae/digits.py (32 px -> 8x8 tokens, 256 codes).
 ``model.attention`` is 'dense' here; ``--config.model.attention=dalle`` selects the paper's
 sparse schedule (row, column, row, ... with a convolutional last layer; kernel
 ``model.conv_kernel``), and an explicit list of 'row'/'column'/'conv'/'dense' works too. With
@@ -34,12 +34,12 @@ def get_config():
     c = base_config()
     c.task = "dallejax.train_dalle:dalle_task"
     c.model = ml_collections.ConfigDict(dict(
-        text_vocab_size=49408, text_len=16, image_vocab_size=512, grid=8,
+        text_vocab_size=49408, text_len=16, image_vocab_size=256, grid=8,
         width=64, num_layers=4, num_heads=4, mlp_ratio=4.0,
         attention="dense", conv_kernel=3, eot_id=-1, activation="gelu",
         dtype="float32", param_dtype="float32", scan=False, remat_policy="none"))
     c.dvae = ml_collections.ConfigDict(dict(
-        model=ml_collections.ConfigDict(dict(group_count=3, n_hid=32, n_blk_per_group=1, vocab_size=512,
+        model=ml_collections.ConfigDict(dict(group_count=3, n_hid=32, n_blk_per_group=1, vocab_size=256,
                                              input_channels=3, n_init=32, image_size=32)),
         workdir="",         # python -m dallejax.train_dvae workdir (or weights file): REQUIRED
         decoder="",         # only for a converted (python -m dallejax.convert) encoder file

@@ -34,6 +34,6 @@ def test_short_run_improves_psnr(run):
 
 def test_codebook_stays_in_use(run):
     _, res = run
-    # 128 images x 64 positions over 512 codes; a collapsed codebook uses a handful.
+    # 128 images x 64 positions over 256 codes; a collapsed codebook uses a handful.
     assert res.eval_metrics["recon/codebook_usage"] >= 0.05, res.eval_metrics
     assert res.eval_metrics["recon/perplexity"] >= 4.0
