@@ -28,8 +28,10 @@ and ``'index': b int64`` (the example index; -1 on padding).
 """
 from __future__ import annotations
 
+import atexit
 import collections
 import threading
+import weakref
 from typing import Any, Iterator, Optional
 
 import ml_collections
@@ -304,13 +306,38 @@ class _Fetcher:
 # ---------------------------------------------------------------------------------------------
 # tf.data
 
+_LIVE_ITERATORS: "weakref.WeakSet[DataIterator]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_iterators():
+    # A tf.data iterator still holding prefetched batches when the interpreter shuts down can
+    # deadlock the exit (its worker threads wait on Python callbacks: tf.numpy_function).
+    # Releasing them before the interpreter finalises lets a script that never exhausted or
+    # closed its iterators exit normally.
+    for it in list(_LIVE_ITERATORS):
+        it.close()
+
+
 class DataIterator:
-    """Iterator of host-local numpy batches; ``skipped`` / ``stats()`` expose the skip counts."""
+    """Iterator of host-local numpy batches; ``skipped`` / ``stats()`` expose the skip counts.
+    ``close()`` (or ``with``) releases the tf.data iterator and its prefetch threads."""
 
     def __init__(self, dataset, stats: Stats, source: Source, mode: str, num_batches: Optional[int] = None):
         self.dataset, self.source, self.mode, self.num_batches = dataset, source, mode, num_batches
         self._stats = stats
         self._it = iter(dataset.as_numpy_iterator())
+        _LIVE_ITERATORS.add(self)
+
+    def close(self) -> None:
+        self._it = iter(())
+        _LIVE_ITERATORS.discard(self)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     def __iter__(self):
         return self

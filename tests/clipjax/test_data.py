@@ -341,3 +341,20 @@ def test_fast_and_pil_train_resize_agree(digits_train):
     assert diff.mean() < 0.03 and diff.max() < 0.5, (diff.mean(), diff.max())
     with pytest.raises(sources.DataError, match="train_resize"):
         pipeline.make_train_iterator(_config(train_resize="bilinear"), 0, source=digits_train)
+
+
+def test_script_with_unfinished_iterators_exits(tmp_path):
+    """Two training iterators left open with prefetched batches: the interpreter still exits (a
+    live tf.data iterator whose threads wait on tf.numpy_function callbacks used to hang it)."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    script = ("from configs.clip import digits_tiny\n"
+              "from clipjax.data import pipeline\n"
+              "c = digits_tiny.get_config(); c.batch_size = 8\n"
+              "its = [pipeline.make_train_iterator(c, 0), pipeline.make_train_iterator(c, 5)]\n"
+              "print(sum(len(next(it)['images']) for it in its))\n")
+    r = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=90,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split()[-1] == "16"
