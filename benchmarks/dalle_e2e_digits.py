@@ -4,7 +4,7 @@ judged by an independent classifier, with and without CLIP reranking, plus image
     JAX_PLATFORMS=cpu python benchmarks/dalle_e2e_digits.py --workdir=/tmp/dalle_e2e
 
 Stages (each is the project's own entry point, run in process, timed in wall and CPU seconds):
-  1. dVAE: configs/dvae/digits.py (32 px -> 8x8 codes of 512)               -> WORKDIR/dvae
+  1. dVAE: configs/dvae/digits.py (32 px -> 8x8 codes of 256)               -> WORKDIR/dvae
   2. token shards: dallejax.encode_dataset over the train and test splits   -> WORKDIR/tokens_{train,eval}
   3. DALL-E: configs/dalle/digits.py on the shards (config.data.source='tokens')  -> WORKDIR/dalle
   4. CLIP for reranking: configs/clip/digits_tiny.py                        -> WORKDIR/clip
