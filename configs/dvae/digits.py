@@ -3,7 +3,7 @@
     python -m dallejax.train_dvae --config=configs/dvae/digits.py --workdir=/tmp/dvae_digits
 
 Measured (360 held-out digits, EMA parameters, argmax codes): PSNR 27.9 dB, 59.0% of the 256
-codes used (perplexity 16.4) after the 1,000 steps. The codebook is sized to the data: the scans
+codes used (perplexity 16.4) after the 1,000 steps, 8 min 36 s wall on an idle 2-core CPU. The codebook is sized to the data: the scans
 are 8x8, so each of the 8x8 tokens stands for about one scanned pixel and its surroundings; with
 512 codes the same held-out set used only 37% of them (the rest never won an argmax).
 Objective as in the paper with the schedules shortened: temperature 1 -> 1/16 over the whole
