@@ -43,7 +43,10 @@ def _define_flags():
     flags.DEFINE_multi_string("image", [], "query: an image file query (repeat for several).")
     flags.DEFINE_integer("top_k", 10, "query: results per query.")
     flags.DEFINE_bool("approx", False, "query: use the approximate usearch index (pip install clipjax[search]).")
-    flags.DEFINE_integer("expansion_search", 0, "query --approx: HNSW search breadth (0 = the index's setting).")
+    flags.DEFINE_integer("expansion_search", 0, "query --approx: width of the HNSW walk (0 = the width calibrated "
+                         "when the graph was built; higher = closer to exact, slower).")
+    flags.DEFINE_integer("oversample", 0, "query --approx: the graph proposes oversample x top_k candidates, "
+                         "re-scored exactly (0 = the graph's setting, 4).")
     flags.DEFINE_integer("block_rows", 65536, "query/dedup: index rows scored per jitted block (memory bound).")
     flags.DEFINE_enum("format", "table", ["table", "json", "html"], "query/dedup: output format.")
     flags.DEFINE_string("output", "", "query/dedup: write the output to this file ('' = stdout; html needs a file).")
@@ -110,10 +113,13 @@ def cmd_query(args) -> int:
         raise app.UsageError("query needs --text=... or --image=... (one kind per call; repeat for several)")
     if FLAGS.format == "html" and not FLAGS.output:
         raise app.UsageError("--format=html needs --output=FILE.html")
+    for name in ("expansion_search", "oversample"):
+        if FLAGS[name].value < 0:
+            raise app.UsageError(f"--{name}={FLAGS[name].value}: use 0 (the graph's setting) or a positive number")
     index = _open(args[0])
     result = index.search(k=FLAGS.top_k, texts=FLAGS.text or None, images=FLAGS.image or None,
                           approximate=FLAGS.approx, block_rows=FLAGS.block_rows,
-                          expansion_search=FLAGS.expansion_search or None)
+                          expansion_search=FLAGS.expansion_search or None, oversample=FLAGS.oversample or None)
     _emit({"table": render.table, "json": render.to_json, "html": render.gallery}[FLAGS.format](result))
     return 0
 

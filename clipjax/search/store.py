@@ -8,7 +8,7 @@
       chunks/<stamp>.jsonl    n rows, one JSON object per embedding: id, path, caption, ...
       bad.jsonl               the items the last ``index`` run could not use (id, path, reason)
       model.msgpack           the checkpoint's params when built from --config/--workdir
-      approx.usearch/.json    the optional HNSW graph (clipjax.search.approx)
+      approx.usearch/.json    the optional HNSW graph and its settings/calibration (clipjax.search.approx)
 
 A chunk is complete once its ``.jsonl`` exists (written after the ``.npy``, each by atomic
 rename), so a killed ``index`` run loses at most the rows of its unfinished chunk, and a re-run
@@ -98,6 +98,7 @@ class Index:
         self._rows_cache: dict[int, list] = {}
         self._device_blocks = None
         self._graph = None
+        self._graph_meta: Optional[dict] = None
         self.cache_bytes = 1 << 30  # exact search keeps indexes up to 1 GiB on the device
         self.build_report: Optional[BuildReport] = None
 
@@ -200,13 +201,16 @@ class Index:
         return q / norms, [f"vector[{n}]" for n in range(len(q))]
 
     def search(self, queries: Any = None, k: int = 10, *, texts: Any = None, images: Any = None,
-               approximate: bool = False, block_rows: int = 65536, expansion_search: Optional[int] = None
-               ) -> SearchResult:
+               approximate: bool = False, block_rows: int = 65536, expansion_search: Optional[int] = None,
+               oversample: Optional[int] = None) -> SearchResult:
         """Top-``k`` rows by cosine similarity for query embeddings (``q d`` or ``d``), ``texts``
         (str or list) or ``images`` (paths, PIL images or ``h w 3`` uint8 arrays).
 
         Exact by default (jitted, ``block_rows`` rows at a time, so the index need not fit in
-        memory); ``approximate=True`` uses the usearch HNSW graph (built and saved on first use).
+        memory); ``approximate=True`` uses the usearch HNSW graph (built, calibrated and saved on
+        first use): its ``oversample * k`` candidates are re-scored exactly with the stored rows.
+        ``expansion_search`` (width of the graph walk) and ``oversample`` default to the graph's
+        settings (:meth:`approximate_info`); raise either for agreement, lower for speed.
         """
         if int(k) < 1:
             raise SearchError(f"k={k}: use k >= 1")
@@ -216,8 +220,12 @@ class Index:
         k = min(int(k), len(self))
         if approximate:
             from clipjax.search import approx
+            for name, v in (("expansion_search", expansion_search), ("oversample", oversample)):
+                if v is not None and int(v) < 1:
+                    raise SearchError(f"{name}={v}: use >= 1 (or None for the graph's setting)")
             graph, params = self.approximate_index()
-            scores, ids = approx.search(graph, q, k, expansion_search or params.expansion_search)
+            scores, ids = approx.search(graph, q, k, expansion_search or params.expansion_search,
+                                        oversample or params.oversample, self._gather)
         else:
             scores, ids = exact.topk_blocks(q, self._blocks(block_rows), k)
         rows = [[dict(self.row(int(i)), row=int(i), score=float(s)) for s, i in zip(srow, irow) if i >= 0]
@@ -240,14 +248,36 @@ class Index:
                                                 for b, v, o in exact.iter_blocks(self._arrays, block_rows, widen)])
         return self._device_blocks[1]
 
+    def _gather(self, ids: np.ndarray) -> np.ndarray:
+        """Stored embeddings of the rows ``ids`` (1-d, any order) as float32 ``len(ids) d``."""
+        ids = np.asarray(ids, np.int64)
+        out = np.empty((len(ids), self.dim), np.float32)
+        chunk = np.searchsorted(self._starts, ids, side="right") - 1
+        for c in np.unique(chunk):
+            sel = chunk == c
+            out[sel] = self._arrays[c][ids[sel] - self._starts[c]]
+        return out
+
     def approximate_index(self, params=None, rebuild: bool = False, progress: bool = False):
-        """(usearch index, HNSWParams): loaded from ``approx.usearch`` if it covers every chunk,
-        else built from the embeddings and saved."""
-        from clipjax.search import approx
-        if not rebuild and params is None and self._graph is not None:
+        """(:class:`approx.Graph`, HNSWParams with the calibrated ``expansion_search``): loaded from
+        ``approx.usearch`` if it covers every chunk and was built with ``params`` (when given),
+        else built from the embeddings, calibrated and saved (``approx.json``)."""
+        if params is not None:
+            params.validate()
+        if not rebuild and self._graph is not None and (params is None or params == self._graph_meta["requested"]):
             return self._graph
-        self._graph = self._load_or_build_graph(params or approx.HNSWParams(), rebuild, progress)
+        self._graph, self._graph_meta = self._load_or_build_graph(params, rebuild, progress)
         return self._graph
+
+    def approximate_info(self) -> dict:
+        """The graph's ``approx.json`` (building the graph if needed): ``params`` (as used),
+        ``requested`` (as asked), ``calibration`` (chosen ``expansion_search``, measured top-10
+        agreement on held-out rows, the ladder tried) and ``build_seconds`` (the ``transform``'s
+        mean vector is left out)."""
+        self.approximate_index()
+        meta = {k: v for k, v in self._graph_meta.items() if k != "transform"}
+        meta["requested"] = dataclasses.asdict(meta["requested"])
+        return meta
 
     def _load_or_build_graph(self, params, rebuild: bool, progress: bool):
         from clipjax.search import approx
@@ -255,14 +285,21 @@ class Index:
         if not rebuild and os.path.exists(meta_path) and os.path.exists(path):
             with open(meta_path) as f:
                 meta = json.load(f)
-            if meta.get("chunks") == self.chunk_names:
-                return approx.load(path), approx.HNSWParams(**meta["params"])
-        graph = approx.build(self._arrays, self.dim, _DTYPES[self.meta["dtype"]], params, progress)
+            if (meta.get("format") == approx.FORMAT and meta.get("chunks") == self.chunk_names
+                    and (params is None or meta.get("requested") == dataclasses.asdict(params))):
+                used = approx.HNSWParams(**meta["params"])
+                meta["requested"] = approx.HNSWParams(**meta["requested"])
+                return (approx.load(path, meta["transform"], used.quantization), used), meta
+        requested = params or approx.HNSWParams()
+        graph, used, calib = approx.build(self._arrays, self.dim, requested, self._gather, progress)
         graph.save(path + ".tmp")
         os.replace(path + ".tmp", path)
-        _atomic_write(meta_path, json.dumps({"chunks": self.chunk_names, "rows": len(self),
-                                             "params": dataclasses.asdict(params)}).encode())
-        return graph, params
+        meta = {"format": approx.FORMAT, "chunks": self.chunk_names, "rows": len(self),
+                "params": dataclasses.asdict(used), "requested": dataclasses.asdict(requested),
+                "calibration": calib, "build_seconds": calib.pop("build_seconds"), "transform": graph.transform()}
+        _atomic_write(meta_path, json.dumps(meta).encode())
+        meta["requested"] = requested
+        return (graph, used), meta
 
     def dedup(self, threshold: float = 0.95, block_rows: int = 4096) -> tuple[np.ndarray, list]:
         """Near-duplicates: ``pairs`` (``m x 3``: row i < row j, cosine >= threshold; descending)
