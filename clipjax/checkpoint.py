@@ -96,9 +96,37 @@ class Checkpointer:
                 f"{where}: the model shape changed since this checkpoint ({len(diffs)} parameters differ: "
                 f"{shown}); restore the old model config or use another --workdir")
 
+    def restore_raw(self, step: int) -> Any:
+        """The saved state of ``step`` as plain nested dicts of host arrays (no model needed)."""
+        return self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def read_eval_params(path: str) -> tuple[Any, str]:
+    """The evaluation parameters (the EMA when the run kept one) of a checkpoint, without a model.
+
+    ``path``: a trainer workdir (its latest checkpoint), its ``checkpoints`` folder, or one step
+    directory ``.../checkpoints/<step>``. Opened read-only. Returns ``(params, root)`` with orbax's
+    boxed leaves unwrapped, or ``(None, root)`` when ``root`` holds no checkpoint.
+    """
+    path = os.path.abspath(path)
+    root, step = path, None
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        root = os.path.join(path, "checkpoints")
+    elif os.path.basename(path).isdigit() and os.path.isdir(os.path.join(path, "state")):
+        root, step = os.path.dirname(path), int(os.path.basename(path))
+    checkpointer = Checkpointer(root, async_save=False)
+    try:
+        step = checkpointer.latest_step() if step is None else step
+        if step is None:
+            return None, root
+        state = checkpointer.restore_raw(step)
+    finally:
+        checkpointer.close()
+    return unwrap_boxed(state.get("ema_params") or state["params"]), root

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from clipjax.checkpoint import unwrap_boxed
+from clipjax.checkpoint import read_eval_params
 from dallejax import sampling
 from dallejax.images import make_grid, save_grid  # noqa: F401  (re-exported)
 from dallejax.transformer import DalleTransformer, model_from_config
@@ -78,33 +78,15 @@ class GenerateError(ValueError):
 # ----------------------------------------------------------------------------- weights
 
 
-def _restore_orbax(path: str):
-    import orbax.checkpoint as ocp
-    path = os.path.abspath(path)
-    root, step = path, None
-    if os.path.isdir(os.path.join(path, "checkpoints")):
-        root = os.path.join(path, "checkpoints")
-    elif os.path.basename(path).isdigit() and os.path.isdir(os.path.join(path, "state")):
-        root, step = os.path.dirname(path), int(os.path.basename(path))
-    manager = ocp.CheckpointManager(root, item_names=("state", "meta"))
-    try:
-        step = manager.latest_step() if step is None else step
-        if step is None:
-            raise GenerateError(f"no checkpoint found in {root}; pass a trainer workdir, a step directory or "
-                                "a .msgpack file")
-        state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
-    finally:
-        manager.close()
-    params = state.get("ema_params") or state["params"]
-    return unwrap_boxed(params)
-
-
 def load_variables(path: str) -> Any:
     """Parameters (a plain nested dict) from a trainer workdir / orbax step dir / ``.msgpack`` file."""
     if not os.path.exists(path):
         raise GenerateError(f"checkpoint {path!r} does not exist")
     if os.path.isdir(path):
-        params = _restore_orbax(path)
+        params, root = read_eval_params(path)
+        if params is None:
+            raise GenerateError(f"no checkpoint found in {root}; pass a trainer workdir, a step directory or "
+                                "a .msgpack file")
     elif path.endswith(".msgpack"):
         from flax import serialization
         with open(path, "rb") as f:

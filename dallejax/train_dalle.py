@@ -50,10 +50,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from clipjax.checkpoint import read_eval_params
 from clipjax.config import ConfigError
 from clipjax.task import Task
 from dallejax import dvae as dvae_lib
-from clipjax.checkpoint import unwrap_boxed
 from dallejax import sampling
 from dallejax.transformer import DalleTransformer, model_from_config, remap_text_padding
 
@@ -101,28 +101,6 @@ def dvae_model(dvae_cfg) -> dvae_lib.DVAE:
 
 
 
-def _restore_orbax_params(path: str, what: str = "config.dvae.workdir") -> dict:
-    import orbax.checkpoint as ocp
-    path = os.path.abspath(path)
-    root, step = path, None
-    if os.path.isdir(os.path.join(path, "checkpoints")):
-        root = os.path.join(path, "checkpoints")
-    elif os.path.basename(path).isdigit() and os.path.isdir(os.path.join(path, "state")):
-        root, step = os.path.dirname(path), int(os.path.basename(path))
-    options = ocp.CheckpointManagerOptions(read_only=True, create=False)
-    manager = ocp.CheckpointManager(root, options=options, item_names=("state", "meta"))
-    try:
-        step = manager.latest_step() if step is None else step
-        if step is None:
-            raise ConfigError(f"{what}={path!r}: no checkpoint in {root}; train the dVAE "
-                                    f"first (python -m dallejax.train_dvae --workdir=...)")
-        state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
-    finally:
-        manager.close()
-    params = state.get("ema_params") or state["params"]
-    return unwrap_boxed(params)
-
-
 @functools.lru_cache(maxsize=4)
 def load_dvae_params(path: str, decoder: str = "", what: str = "config.dvae.workdir") -> dict:
     """dVAE parameters ``{'encoder': ..., 'decoder': ...}`` (numpy) from ``path`` (see module docstring);
@@ -137,7 +115,10 @@ def load_dvae_params(path: str, decoder: str = "", what: str = "config.dvae.work
         raise ConfigError(f"{what}={path!r} does not exist")
     params: dict
     if os.path.isdir(path):
-        params = _restore_orbax_params(path, what)
+        params, root = read_eval_params(path)
+        if params is None:
+            raise ConfigError(f"{what}={path!r}: no checkpoint in {root}; train the dVAE "
+                              f"first (python -m dallejax.train_dvae --workdir=...)")
     elif path.endswith((".msgpack", ".safetensors")):
         params = _read_weights_file(path)
     else:
