@@ -54,12 +54,7 @@ def load_config(relpath: str, **overrides) -> ml_collections.ConfigDict:
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     config = mod.get_config()
-    for key, value in overrides.items():
-        node = config
-        *path, last = key.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = value
+    config.update_from_flattened_dict(overrides)
     return config
 
 

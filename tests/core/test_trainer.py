@@ -19,12 +19,7 @@ def _config(**kw):
     c = mlp.get_config()
     c.total_steps = kw.pop("total_steps", 40)
     c.checkpoint.async_save = False
-    for k, v in kw.items():
-        *parents, leaf = k.split(".")
-        target = c
-        for p in parents:
-            target = target[p]
-        target[leaf] = v
+    c.update_from_flattened_dict(kw)
     return c
 
 

@@ -48,12 +48,7 @@ def make_config(dvae_path: str, **overrides) -> ml_collections.ConfigDict:
     c.train.update(dict(log_every=1, progress_bar=False))
     c.checkpoint.update(dict(every_steps=0, async_save=False))
     c.count_flops = False
-    for k, v in overrides.items():
-        node = c
-        *path, last = k.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = v
+    c.update_from_flattened_dict(overrides)
     return c
 
 
