@@ -603,7 +603,7 @@ class TFDSSource(Source):
                     builder = tfds.builder(name, data_dir=data_dir or None)
                     classnames = [n.replace("_", " ") for n in builder.info.features[label_key].names]
             self.classnames = list(classnames)
-        self.templates = tuple(templates or cn.TEMPLATES.get(base, ("a photo of a {}.",)))
+        self.templates = tuple(templates or cn.templates_for(name, default=("a photo of a {}.",)))
         self.has_labels = bool(label_key)
 
     def __len__(self) -> int:
